@@ -1,0 +1,219 @@
+"""
+Text to batches: the tokenizer, reading raw text, a token cache on disk, and batch sampling.
+
+The guide's data step ends with tokenization: text becomes a sequence of integer ids the model
+predicts one at a time. We use GPT-2's byte-level BPE through tiktoken, built offline from the
+bundled ranks file (data/tokenizer/gpt2.tiktoken); tiktoken.get_encoding would download it.
+
+The tokenizer travels inside every checkpoint as a plain dict (see gpt2_tokenizer), so any later
+stage or sample.py rebuilds the exact encoding from the checkpoint alone.
+
+Inputs for pretraining: a .txt file (one document), a .jsonl file (one document per line, in its
+"text" field), or a directory of them. They are tokenized once into a flat array of ids, each
+document followed by <|endoftext|>, and cached as a numpy memmap in OUT/tokens/.
+"""
+
+import base64
+import hashlib
+import json
+import os
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+EOT = "<|endoftext|>"
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file (and line) and fits on one line."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE as a plain dict: pre-tokenization regex, ranks (the tiktoken file's text), specials.
+
+    GPT-2 has 50,257 ids: 50,256 byte-level merges ranks plus <|endoftext|> at 50256. The model's
+    vocabulary is padded to 50,304, so ids 50257..50303 are free for special tokens added later.
+    """
+    from tiktoken_ext.openai_public import r50k_pat_str  # the regex string only; downloads nothing
+    with open(os.path.join(DATA_DIR, "tokenizer", "gpt2.tiktoken")) as f:
+        ranks = f.read()
+    return {"name": "gpt2", "pat_str": r50k_pat_str, "ranks": ranks, "special_tokens": {EOT: 50256}}
+
+
+def get_encoding(tok):
+    """tiktoken.Encoding from a tokenizer dict (gpt2_tokenizer() or a checkpoint's "tokenizer")."""
+    ranks = {}
+    for line in tok["ranks"].splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(name=tok["name"], pat_str=tok["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=tok["special_tokens"])
+
+
+def encode(enc, text):
+    """Encode user or dataset text. encode_ordinary never emits special tokens: a literal
+    "<|endoftext|>" in the text becomes ordinary tokens, so data cannot forge a document boundary."""
+    return enc.encode_ordinary(text)
+
+
+def decode(enc, ids):
+    """Decode ids to text, skipping ids the tokenizer does not know (the padded vocabulary tail)."""
+    return enc.decode([i for i in ids if i < enc.n_vocab])
+
+
+def token_byte_lengths(enc, vocab_size):
+    """Bytes each token id stands for, (V,); 0 for special and unused ids. Used for bits per byte."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(min(enc.n_vocab, vocab_size)):
+        if i not in enc._special_tokens.values():
+            lengths[i] = len(enc.decode_single_token_bytes(i))
+    return lengths
+
+
+# -----------------------------------------------------------------------------
+# Reading raw text
+
+
+def list_input_files(path):
+    """The .txt and .jsonl files at path (a file, or a directory searched recursively), sorted."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        return [path]
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.endswith((".txt", ".jsonl")))
+    if not files:
+        raise DataError(f"{path}: directory holds no .txt or .jsonl files")
+    return files
+
+
+def read_documents(path, field="text"):
+    """Yield the documents of one file: a .txt file is one document, a .jsonl file one per line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {e.start}); is this a text file?") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if not path.endswith(".jsonl"):
+        yield text
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{lineno}: record has no string field {field!r}")
+        yield record[field]
+
+
+# -----------------------------------------------------------------------------
+# Token cache: all documents as one flat array of ids on disk
+
+
+def prepare_tokens(data_path, enc, cache_dir, val_fraction=0.1):
+    """Tokenize data_path once into cache_dir/tokens.bin and return (train, val) memmaps.
+
+    Each document is followed by <|endoftext|>. The last val_fraction of the token stream is the
+    validation split (for a single text file: its end, as nanoGPT does for Shakespeare). A cache
+    whose inputs (paths, sizes, times), tokenizer and split are unchanged is reused.
+    """
+    files = list_input_files(data_path)
+    key = hashlib.sha256(json.dumps([[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
+                                    + [enc.name, enc.n_vocab, val_fraction]).encode()).hexdigest()
+    meta_path, bin_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "tokens.bin")
+    meta = None
+    if os.path.exists(meta_path) and os.path.exists(bin_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("key") != key:
+            meta = None
+    if meta is None:
+        meta = _tokenize_files(files, enc, bin_path, key, val_fraction)
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(meta_path + ".tmp", "w") as f:  # written last: its presence means tokens.bin is complete
+            json.dump(meta, f, indent=1)
+        os.replace(meta_path + ".tmp", meta_path)
+    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+    return tokens[:meta["n_train"]], tokens[meta["n_train"]:]
+
+
+def _tokenize_files(files, enc, bin_path, key, val_fraction):
+    dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32  # 2 bytes per token when ids fit
+    eot = enc.eot_token
+    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    n_tokens, n_docs = 0, 0
+    with open(bin_path + ".tmp", "wb") as out, \
+            tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing") as bar:
+        for path in files:
+            docs = list(read_documents(path))
+            for i in range(0, len(docs), 1024):  # batches of documents, encoded on several threads
+                for ids in enc.encode_ordinary_batch(docs[i:i + 1024], num_threads=os.cpu_count() or 1):
+                    np.asarray(ids + [eot], dtype=dtype).tofile(out)
+                    n_tokens += len(ids) + 1
+            n_docs += len(docs)
+            bar.update(os.path.getsize(path))
+    os.replace(bin_path + ".tmp", bin_path)
+    n_train = int(n_tokens * (1 - val_fraction))
+    return {"key": key, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_train": n_train,
+            "n_docs": n_docs, "files": files, "tokenizer": enc.name}
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens: x is the window's first T tokens, y the last T.
+
+    Reproducible: offsets come from a seeded torch.Generator whose state is saved in checkpoints.
+    Every rank of a DDP job draws the same offsets for the whole global batch and keeps its own
+    slice, so N processes see exactly the micro-batches one process would with N times the
+    gradient accumulation.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed, device):
+        if len(tokens) <= block_size + 1:
+            raise DataError(f"only {len(tokens)} tokens in this split, need more than block_size + 1 = {block_size + 1}")
+        self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, n_micro, rank=0, world_size=1):
+        """This rank's n_micro (x, y) batches of the next optimizer step, each (B, T)."""
+        offsets = torch.randint(len(self.tokens) - self.block_size - 1, (world_size * n_micro, self.batch_size),
+                                generator=self.generator)
+        return [self.window_batch(o) for o in offsets[rank * n_micro:(rank + 1) * n_micro].tolist()]
+
+    def window_batch(self, offsets):
+        T = self.block_size
+        w = torch.from_numpy(np.stack([self.tokens[o:o + T + 1] for o in offsets]).astype(np.int64))  # (B, T+1)
+        x, y = w[:, :-1], w[:, 1:]  # the target at position t is the token at t + 1
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def eval_batches(self, n_batches):
+        """n_batches fixed windows spread evenly over the split: the same ones at every evaluation."""
+        span = len(self.tokens) - self.block_size - 1
+        starts = np.linspace(0, span, n_batches * self.batch_size, dtype=np.int64).tolist()
+        return [self.window_batch(starts[i:i + self.batch_size]) for i in range(0, len(starts), self.batch_size)]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])

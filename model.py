@@ -1,0 +1,615 @@
+"""
+One hand-written Transformer decoder, shared by every stage of the pipeline.
+
+The guide's pretraining section in code: a causal language model reads tokens x_1..x_t and
+predicts x_{t+1}; training minimises the cross-entropy of that prediction. Everything a stage
+script needs from the network lives here: the model, its loss, generation with a KV cache,
+Hugging Face GPT-2 import/export, checkpoint I/O, the optimizer, and device/precision/DDP set-up.
+
+Two families run through the same code, picked by GPTConfig fields (see FAMILIES):
+  gpt2    learned position embeddings, LayerNorm, GELU MLP, biases       (Radford et al. 2019)
+  modern  rotary position embeddings, RMSNorm, SwiGLU MLP, no biases,    (Llama: Touvron et al. 2023)
+          optional grouped-query attention (n_kv_head < n_head)
+
+Shape letters used in comments throughout the repository:
+  B batch, T sequence length, C width (n_embd), H heads, D head size (C = H*D),
+  Hkv key/value heads, V vocabulary size; Tp and Tr when prompt and response are split.
+"""
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross_entropy default)
+
+# What changed between GPT-2 and today's decoders, as config fields.
+FAMILIES = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape and family of the decoder; stored in every checkpoint as asdict(config)."""
+    block_size: int = 256     # longest sequence the model sees (learned position table size)
+    vocab_size: int = 50304   # GPT-2's 50,257 tokens padded to a multiple of 64: faster matmuls,
+                              # and ids 50257.. are free for special tokens added later (chat roles)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0        # key/value heads for grouped-query attention; 0 = same as n_head
+    n_embd: int = 128
+    dropout: float = 0.0      # 0 for pretraining small models on small data works fine and is faster
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope" (rotary, Su et al. 2021)
+    norm: str = "layernorm"   # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"         # "gelu" (4C hidden) or "swiglu" (~8C/3 hidden, same parameter count)
+    bias: bool = True         # biases in Linear and norm layers (GPT-2 has them, Llama does not)
+    tie_embeddings: bool = True  # lm_head shares the token-embedding matrix (GPT-2 does)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attn_impl: str = "sdpa"   # "sdpa" (fused torch kernel) or "manual" (the maths written out)
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a checkpoint's asdict(config), ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dimension (Ba et al. 2016)."""
+
+    def __init__(self, dim, eps, bias):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        xf = x.float()  # statistics in fp32 even under autocast: squares of bf16 lose digits
+        mean = xf.mean(-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as nn.LayerNorm
+        y = ((xf - mean) * torch.rsqrt(var + self.eps)).type_as(x) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim, eps, bias=False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(T, D, theta, device=None):
+    """cos and sin of position * frequency for rotary embeddings, each (T, D/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=device).float() / D))  # (D/2,)
+    angles = torch.outer(torch.arange(T, device=device).float(), inv_freq)          # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+D/2}) of x by its position's angle (Su et al. 2021, Eq. 34).
+
+    The dot product q·k of two rotated vectors then depends only on their distance, which is how
+    RoPE encodes position. Pairs are the two halves of the head (GPT-NeoX / HF Llama layout).
+    x: (B, H, T, D); cos, sin: (T, D/2).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)                                # (B, H, T, D/2) each
+    y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, T, D)
+    return y.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so decoding feeds one token per step."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        D = config.n_embd // config.n_head
+        shape = (batch_size, config.n_kv_head, config.block_size, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # number of positions filled; advanced by GPT.forward after all layers ran
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: softmax(q·kᵀ/√D + mask)·v (Vaswani et al. 2017, Eq. 1)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.attn_impl = config.attn_impl
+        # q, k and v in one matmul: (H + 2*Hkv) * D outputs; with Hkv == H that is GPT-2's c_attn
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        T = config.block_size
+        self.register_buffer("causal_mask", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        pos = cache.pos if cache is not None else 0  # absolute position of x's first token
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)      # (B, T, H*D) -> (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
+        if rope is not None:
+            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # append this step's keys/values, then attend over all of them
+            cache.k[self.layer_idx][:, :, pos:pos + T] = k
+            cache.v[self.layer_idx][:, :, pos:pos + T] = v
+            k = cache.k[self.layer_idx][:, :, :pos + T]  # (B, Hkv, pos+T, D)
+            v = cache.v[self.layer_idx][:, :, :pos + T]
+        if Hkv != H:  # grouped-query attention: each k/v head serves H/Hkv query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)     # (B, Hkv, Tk, D) -> (B, H, Tk, D)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        # query i sits at absolute position pos+i and may look at keys 0..pos+i
+        mask = self.causal_mask[pos:pos + T, :pos + T]  # (T, Tk), True = may attend
+        p_drop = self.dropout if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            # the fused kernel computes the same thing as the manual branch without materialising
+            # the (T, Tk) score matrix; is_causal assumes pos == 0, so a cache prefix passes the mask
+            if pos == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+            att = att.masked_fill(~mask, float("-inf"))           # no looking at future tokens
+            att = F.softmax(att.float(), dim=-1).type_as(q)       # each row sums to 1
+            att = F.dropout(att, p_drop, self.training)
+            y = att @ v                                           # (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C): heads side by side
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Shazeer 2020, Eq. 6)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        C = config.n_embd
+        if self.kind == "gelu":
+            hidden = 4 * C
+            self.fc = nn.Linear(C, hidden, bias=config.bias)
+        else:
+            # SwiGLU has three matrices; 2/3 of 4C keeps the parameter count of the GELU MLP
+            hidden = 64 * math.ceil(8 * C / 3 / 64)
+            self.fc = nn.Linear(C, 2 * hidden, bias=config.bias)  # gate and up projections, fused
+        self.proj = nn.Linear(hidden, C, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.kind == "gelu":
+            h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        else:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up                       # Swish(xW) ⊙ xV
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        Norm = LayerNorm if config.norm == "layernorm" else RMSNorm
+        self.ln1 = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln2 = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln1(x), rope, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer language model: tokens in, next-token logits (and loss) out."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        Norm = LayerNorm if config.norm == "layernorm" else RMSNorm
+        self.ln_f = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Initialise every tensor, as GPT-2 did.
+
+        - Linear and embedding weights ~ N(0, 0.02); biases 0; norm weights 1.
+        - The two projections that write into the residual stream (attn.proj, mlp.proj) get
+          std 0.02/√(2·n_layer), so the residual's variance does not grow with depth (GPT-2 paper, §2.3).
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; by default without the position table (it costs no matmul FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() lists a tied matrix once
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
+
+        targets (B, T) holds the token that should follow each position (idx shifted left by one).
+        With a KVCache, idx holds only the new tokens and the cache supplies the earlier ones.
+        """
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        assert pos + T <= self.config.block_size, f"sequence of {pos + T} tokens > block_size {self.config.block_size}"
+        x = self.tok_emb(idx)                                    # (B, T) -> (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))  # (T, C) broadcast over B
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.ln_f(x))                      # (B, T, C) -> (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = cross_entropy(logits, targets)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               stop_token=None, use_cache=True, generator=None):
+        """Yield the next token for every row, one (B, 1) tensor per step; see generate()."""
+        cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= self.config.block_size:
+                if cache is None:  # prefill: run the whole prompt once and keep its keys/values
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(idx, cache=cache)
+                else:              # decode: only the newest token goes through the network
+                    logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                # no cache, or the sequence outgrew block_size: recompute over the last block_size
+                # tokens (positions shift, so cached keys would be wrong from here on)
+                logits, _ = self(idx[:, -self.config.block_size:])
+            next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if stop_token is not None:  # rows that already stopped keep emitting stop_token
+                next_tok = next_tok.masked_fill(done.unsqueeze(1), stop_token)
+                done = done | (next_tok.squeeze(1) == stop_token)
+            idx = torch.cat([idx, next_tok], dim=1)
+            yield next_tok
+            if bool(done.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_token=None, use_cache=True, generator=None):
+        """Append up to max_new_tokens sampled tokens to idx (B, T) and return (B, T + new).
+
+        temperature 0 means greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
+        smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2020). With
+        stop_token, generation ends once every row has produced it; rows that stopped earlier are
+        padded with stop_token.
+        """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator))
+        return torch.cat([idx, *new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # Hugging Face GPT-2 checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints load")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           **FAMILIES["gpt2"])
+        model = cls(config)
+        hf_sd = _read_hf_weights(path)
+        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+        sd = {}
+        for ours, theirs, transpose in _gpt2_name_table(config.n_layer):
+            if theirs not in hf_sd:
+                raise ValueError(f"{path}: weight {theirs!r} missing from the checkpoint")
+            w = hf_sd[theirs]
+            sd[ours] = w.t() if transpose else w
+        model.load_state_dict(sd, strict=False)  # lm_head.weight is tied to tok_emb.weight
+        missing = set(model.state_dict()) - set(sd) - {"lm_head.weight"}
+        assert not missing, f"not loaded: {sorted(missing)}"
+        return model
+
+    def save_pretrained(self, path):
+        """Export to the Hugging Face GPT-2 format (config.json + pytorch_model.bin)."""
+        c = self.config
+        if (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings) != ("learned", "layernorm", "gelu", True, True) \
+                or c.n_kv_head != c.n_head:
+            raise ValueError("only the gpt2 family (with tied embeddings, no GQA) exports to the GPT-2 format")
+        os.makedirs(path, exist_ok=True)
+        sd = self.state_dict()
+        hf_sd = {theirs: (sd[ours].t() if transpose else sd[ours]).contiguous()
+                 for ours, theirs, transpose in _gpt2_name_table(c.n_layer)}
+        hf_sd["lm_head.weight"] = sd["tok_emb.weight"].clone()
+        hf_sd = {("" if k == "lm_head.weight" else "transformer.") + k: v for k, v in hf_sd.items()}
+        hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                         n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                         n_head=c.n_head, n_inner=None, activation_function="gelu_new",
+                         layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                         attn_pdrop=c.dropout, tie_word_embeddings=True)
+        if c.vocab_size > 50256:  # GPT-2's <|endoftext|> doubles as begin and end of text
+            hf_config.update(bos_token_id=50256, eos_token_id=50256)
+        atomic_write(os.path.join(path, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+        atomic_write(os.path.join(path, "pytorch_model.bin"), lambda f: torch.save(hf_sd, f))
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token: 6N for the matmuls forward+backward, plus 12·L·C·T for attention
+        scores and weighted values (PaLM paper, Appendix B). Used for MFU."""
+        T = T or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+
+def _gpt2_name_table(n_layer):
+    """(our name, Hugging Face name, transposed?) for every GPT-2 weight.
+
+    GPT-2 stores its projections as Conv1D with weight (in, out); nn.Linear keeps (out, in).
+    """
+    table = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
+             ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
+    for i in range(n_layer):
+        for ours, theirs, is_conv in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                      ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                                      ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
+            table.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", is_conv))
+            table.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
+    return table
+
+
+def _read_hf_weights(path):
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            if not os.path.exists(pt):
+                raise SystemExit(f"{st} needs the optional package safetensors: pip install safetensors")
+        else:
+            return load_file(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+# -----------------------------------------------------------------------------
+# Losses and sampling
+
+
+def cross_entropy(logits, targets):
+    """Causal-LM loss: the mean over positions t with y_t != IGNORE_INDEX of
+        −log softmax(z_t)[y_t] = log Σ_j exp(z_t,j) − z_t,y_t
+    Shape: logits z (B, T, V), targets y (B, T). Computed in fp32; a batch with no target gives 0, not NaN.
+    """
+    V = logits.size(-1)
+    total = F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from the last position's logits (B, V); returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, read without running code
+
+
+def atomic_write(path, write_fn):
+    """Write to path.tmp, flush to disk, then rename: a crash never leaves a half-written file at path."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write_fn(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, **state):
+    """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict. weights_only=True: tensors and plain data only, never code."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_model(init_from, map_location="cpu"):
+    """Model and checkpoint dict from this project's checkpoint (file or directory with ckpt.pt)
+    or a Hugging Face GPT-2 directory. For GPT-2 the dict holds the bundled GPT-2 tokenizer."""
+    path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path, map_location)
+        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model, ckpt
+    if os.path.isfile(os.path.join(init_from, "config.json")):
+        import data  # the tokenizer description lives in data.py
+        model = GPT.from_pretrained(init_from)
+        return model, {"model_config": asdict(model.config), "tokenizer": data.gpt2_tokenizer(), "step": 0}
+    raise FileNotFoundError(f"{init_from}: neither a checkpoint (ckpt.pt) nor a Hugging Face directory (config.json)")
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, device, precision, DDP
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW with decoupled weight decay (Loshchilov & Hutter 2019) on matrices only.
+
+    Biases and norm weights are not decayed: pulling a norm's scale towards 0 only fights the
+    loss (nanoGPT, and GPT-3's training setup).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda"  # one kernel for all parameters; CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+@dataclass
+class Runtime:
+    """Where and how this process computes: device, precision, and its place in a torchrun job."""
+    device: torch.device
+    dtype: torch.dtype
+    autocast: object      # a context manager: torch.autocast, or a no-op in fp32
+    scaler: object        # torch.amp.GradScaler, active only for fp16
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_runtime(device="auto", dtype="auto", seed=1337):
+    """Pick device (cuda > mps > cpu) and dtype, seed every RNG, and join a torchrun job if launched by one.
+
+    dtype "auto": bf16 on GPUs that support it, fp16 with loss scaling on older CUDA GPUs (T4, V100),
+    fp32 on CPU and MPS. Under torchrun (RANK/WORLD_SIZE set) each process gets its own GPU and the
+    process group uses NCCL on CUDA, gloo on CPU.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 speed on Ampere+, same loss curves
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dtype == "auto":
+        dtype = "float32"
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if dtype == torch.float32:
+        autocast = contextlib.nullcontext()
+    else:  # matmuls in low precision, weights and optimizer state stay fp32
+        autocast = torch.autocast(device_type=device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # fp16 gradients underflow without it
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        # glibc serves every allocation over 32 MB (the (B*T, V) logits and their gradient) with a
+        # fresh mmap, so each step page-faults through hundreds of MB of zeroed memory. Keeping them
+        # on the heap makes small-model CPU training ~1.4x faster. M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1.
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)
+            libc.mallopt(-1, 1 << 30)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return Runtime(device, dtype, autocast, scaler, rank, local_rank, world)
+
+
+# dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device, dtype, seconds=0.5):
+    """The FLOP/s that MFU is measured against: a datasheet figure for known GPUs, otherwise the
+    measured rate of a large matmul in the training dtype on this machine."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half the bf16 rate
+    n = 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    if device.type != "cpu":
+        torch.cuda.synchronize() if device.type == "cuda" else torch.mps.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)

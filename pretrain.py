@@ -1,0 +1,281 @@
+"""
+Pretraining: next-token prediction with the causal-LM cross-entropy loss.
+
+The guide's pretraining stage. A decoder reads a window of tokens x_1..x_T and at every position t
+predicts x_{t+1}; the loss is the mean over positions of −log p(x_{t+1} | x_1..x_t), and AdamW
+adjusts the parameters to make it smaller (Radford et al. 2019, Eq. 1: maximise Σ log p(x_t | x_<t)).
+The loss itself is model.cross_entropy, called from GPT.forward.
+
+Reads:  --data (.txt / .jsonl / directory; default: the bundled Tiny Shakespeare), or --init-from
+        a checkpoint or Hugging Face GPT-2 directory to continue pretraining from.
+Writes: OUT/ckpt.pt (model, config, tokenizer, optimizer, step, RNG and data state),
+        OUT/log.jsonl (one JSON line per log step and evaluation), OUT/tokens/ (token cache).
+
+Departures from GPT-2's recipe: a much smaller model and context by default so that CPU training
+takes minutes; no dropout; cosine learning-rate decay to lr/10 (GPT-3's schedule, not GPT-2's).
+
+  python pretrain.py                                   # default: ~10 min on 2 CPU cores
+  python pretrain.py --max-steps 20 --n-layer 2 --n-embd 64 --block-size 64 --eval-every 10  # seconds
+  torchrun --nproc_per_node=8 pretrain.py --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --dtype bfloat16
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import FAMILIES, GPT, GPTConfig, configure_optimizer, load_model, load_checkpoint, peak_flops, \
+    save_checkpoint, setup_runtime
+
+
+def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup for warmup_steps, then cosine decay from max_lr to min_lr_ratio·max_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    min_lr = min_lr_ratio * max_lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # I/O
+    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "tinyshakespeare.txt"),
+                   help=".txt file, .jsonl file (field 'text') or a directory of them")
+    p.add_argument("--out", default="out/pretrain", help="output directory for ckpt.pt, log.jsonl and the token cache")
+    p.add_argument("--init-from", default="", help="checkpoint or Hugging Face GPT-2 directory to start from ('' = random init)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt exactly where it stopped")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the token stream held out for validation")
+    # model (ignored with --init-from or --resume: the checkpoint's config is used)
+    p.add_argument("--family", default="gpt2", choices=list(FAMILIES), help="gpt2: learned positions, LayerNorm, GELU; modern: RoPE, RMSNorm, SwiGLU")
+    p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads (H)")
+    p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped-query attention (0 = n_head)")
+    p.add_argument("--n-embd", type=int, default=128, help="width C; head size D = C / H")
+    p.add_argument("--block-size", type=int, default=128, help="context length T in tokens")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 = off)")
+    # optimization
+    p.add_argument("--max-steps", type=int, default=2000, help="optimizer steps; the learning-rate schedule ends here")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches summed into one optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (small models tolerate 1e-3..3e-3; GPT-2 124M: 6e-4)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay on matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    # evaluation and logging
+    p.add_argument("--eval-every", type=int, default=250, help="steps between validation runs and checkpoints")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--sample-prompt", default="\n", help="prompt for the sample printed at each evaluation")
+    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step, as if interrupted (-1 = off)")
+    # system
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on recent GPUs, fp16 on older CUDA GPUs, fp32 on CPU/MPS")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA/CPU; slower start, faster steps)")
+    p.add_argument("--seed", type=int, default=1337, help="seed for initialisation and batch sampling")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # ---- setup: device, precision, DDP, output directory --------------------------------------
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    log = tqdm.write if rt.master else (lambda *a, **k: None)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    if args.resume and not os.path.exists(ckpt_path):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+
+    # ---- model: fresh, from --init-from, or from the checkpoint we resume ---------------------
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = ckpt["tokenizer"]
+    elif args.init_from:
+        model, src = load_model(args.init_from)
+        tokenizer = src["tokenizer"]
+    else:
+        config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                           block_size=args.block_size, dropout=args.dropout, **FAMILIES[args.family])
+        model = GPT(config)
+        tokenizer = data.gpt2_tokenizer()
+    config = model.config
+    model.to(rt.device)
+    log(f"model_config: {json.dumps(asdict(config))}")
+    log(f"args: {json.dumps(vars(args))}")
+    log(f"{model.num_params() / 1e6:.2f}M parameters on {rt.device} in {str(rt.dtype).removeprefix('torch.')}"
+        + (f", {rt.world_size} processes" if rt.ddp else ""))
+
+    # ---- data: tokenize once (rank 0), then every rank maps the cache -------------------------
+    enc = data.get_encoding(tokenizer)
+    cache_dir = os.path.join(args.out, "tokens")
+    try:
+        if rt.master:
+            data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
+        if rt.ddp:
+            dist.barrier()
+        train_tokens, val_tokens = data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
+        train = data.BatchSampler(train_tokens, config.block_size, args.batch_size, args.seed, rt.device)
+        val = data.BatchSampler(val_tokens, config.block_size, args.batch_size, args.seed, rt.device)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    byte_lengths = torch.from_numpy(data.token_byte_lengths(enc, config.vocab_size)).to(rt.device)
+    tokens_per_step = args.batch_size * config.block_size * args.grad_accum * rt.world_size
+    log(f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; {tokens_per_step:,} tokens per step")
+
+    # ---- optimizer and schedule ---------------------------------------------------------------
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
+    step = 0
+    if ckpt is not None:  # everything that decides the next step: weights, moments, RNGs, data position
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rt.scaler.load_state_dict(ckpt["scaler"])
+        train.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if rt.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step = ckpt["step"]
+        log(f"resuming from {ckpt_path} at step {step}")
+    raw_model = model  # saved and evaluated; the compiled / DDP wrappers below only train
+    if args.compile and rt.device.type != "mps":  # MPS has no compile backend worth using yet
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+    peak = peak_flops(rt.device, rt.dtype) * rt.world_size
+
+    def checkpoint():
+        if not rt.master:
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(ckpt_path, model=raw_model.state_dict(), model_config=asdict(config), tokenizer=tokenizer,
+                        args=vars(args), step=step, optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(),
+                        sampler=train.state_dict(), rng=rng, stage="pretrain")
+
+    def write_log(record):
+        if rt.master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean validation loss in nats per token, and in bits per byte: Σ loss / ln 2 / Σ bytes of the
+        target tokens, which does not depend on the tokenizer, so runs with different vocabularies compare."""
+        raw_model.eval()
+        nats, n_tokens, n_bytes = 0.0, 0, 0
+        for x, y in val.eval_batches(args.eval_batches):
+            with rt.autocast:
+                _, loss = raw_model(x, y)
+            nats += loss.item() * y.numel()
+            n_tokens += y.numel()
+            n_bytes += byte_lengths[y].sum().item()
+        prompt = torch.tensor([data.encode(enc, args.sample_prompt) or [enc.eot_token]], device=rt.device)
+        g = torch.Generator(device=rt.device).manual_seed(0)  # its own RNG: sampling must not move training's
+        with rt.autocast:
+            out = raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=g)
+        raw_model.train()
+        return nats / n_tokens, nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
+
+    # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # ---- training loop: evaluate -> checkpoint -> step -> log ---------------------------------
+    metrics = {}
+    bar = tqdm(total=args.max_steps, initial=step, desc="pretrain", disable=not rt.master, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    try:
+        while True:
+            last = step == args.max_steps
+            if step % args.eval_every == 0 or last:
+                val_loss, val_bpb, sample = evaluate()
+                metrics.update({"val/loss": val_loss, "val/bpb": val_bpb})
+                log(f"step {step}/{args.max_steps} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}\n---\n{sample}\n---")
+                write_log({"step": step, "val/loss": val_loss, "val/bpb": val_bpb, "sample": sample})
+                if step > 0:
+                    checkpoint()
+                t_last = time.perf_counter()  # evaluation time does not count towards throughput
+            if last:
+                break
+
+            lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro, (x, y) in enumerate(train.next(args.grad_accum, rt.rank, rt.world_size)):
+                # DDP averages gradients across processes during backward; doing that on every
+                # micro-batch would waste bandwidth, so only the last one synchronises
+                sync = micro == args.grad_accum - 1
+                with (model.no_sync() if rt.ddp and not sync else nullcontext()):
+                    with rt.autocast:
+                        _, loss = model(x, y)
+                    # the gradient of a mean over all micro-batches: divide each one's loss
+                    rt.scaler.scale(loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
+            if args.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if rt.ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss = loss_sum.item() / args.grad_accum
+            if not math.isfinite(train_loss):
+                sys.exit(f"error: loss is {train_loss} at step {step}; stopping. The last good checkpoint is "
+                         f"{ckpt_path} (try a lower --lr or --dtype float32)")
+            step += 1
+            metrics["train/loss"] = train_loss
+
+            t_now = time.perf_counter()
+            dt, t_last = t_now - t_last, t_now
+            tok_s, mfu = tokens_per_step / dt, flops_per_step / dt / peak
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+            if step % args.log_every == 0 or step == 1:
+                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms"
+                    f" | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
+                write_log({"step": step, "train/loss": train_loss, "lr": lr, "dt_ms": dt * 1000,
+                           "tok_per_s": tok_s, "mfu": mfu})
+            if stop["signal"] is not None or step == args.stop_at:
+                checkpoint()
+                log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
+                return {"step": step, **metrics}
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if rt.ddp:
+            dist.destroy_process_group()
+
+    log(f"done: step {step}, val loss {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bits/byte)")
+    log(f"checkpoint: {ckpt_path}\nsample from it: python sample.py --init-from {args.out} --prompt \"ROMEO:\"")
+    return {"step": step, **metrics}
+
+
+if __name__ == "__main__":
+    main()
