@@ -146,9 +146,6 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         rt.scaler.load_state_dict(ckpt["scaler"])
         train.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if rt.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         step = ckpt["step"]
         log(f"resuming from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the compiled / DDP wrappers below only train
@@ -203,6 +200,10 @@ def main(argv=None):
         log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    if ckpt is not None:  # restored last, so that no set-up work above draws from the restored stream
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if rt.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 
     # ---- training loop: evaluate -> checkpoint -> step -> log ---------------------------------
     metrics = {}
