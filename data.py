@@ -23,6 +23,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from model import atomic_write
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EOT = "<|endoftext|>"
 
@@ -109,7 +111,7 @@ def read_documents(path, field="text"):
     if not path.endswith(".jsonl"):
         yield text
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -144,33 +146,32 @@ def prepare_tokens(data_path, enc, cache_dir, val_fraction=0.1):
             meta = None
     if meta is None:
         meta = _tokenize_files(files, enc, bin_path, key, val_fraction)
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(meta_path + ".tmp", "w") as f:  # written last: its presence means tokens.bin is complete
-            json.dump(meta, f, indent=1)
-        os.replace(meta_path + ".tmp", meta_path)
+        # written last: a meta.json with the right key means tokens.bin is complete
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
     return tokens[:meta["n_train"]], tokens[meta["n_train"]:]
 
 
 def _tokenize_files(files, enc, bin_path, key, val_fraction):
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32  # 2 bytes per token when ids fit
-    eot = enc.eot_token
+    counts = {"tokens": 0, "docs": 0}
+
+    def write_tokens(out):
+        with tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing") as bar:
+            for path in files:
+                docs = list(read_documents(path))
+                for i in range(0, len(docs), 1024):  # batches of documents, encoded on several threads
+                    for ids in enc.encode_ordinary_batch(docs[i:i + 1024], num_threads=os.cpu_count() or 1):
+                        np.asarray(ids + [enc.eot_token], dtype=dtype).tofile(out)
+                        counts["tokens"] += len(ids) + 1
+                counts["docs"] += len(docs)
+                bar.update(os.path.getsize(path))
+
     os.makedirs(os.path.dirname(bin_path), exist_ok=True)
-    n_tokens, n_docs = 0, 0
-    with open(bin_path + ".tmp", "wb") as out, \
-            tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing") as bar:
-        for path in files:
-            docs = list(read_documents(path))
-            for i in range(0, len(docs), 1024):  # batches of documents, encoded on several threads
-                for ids in enc.encode_ordinary_batch(docs[i:i + 1024], num_threads=os.cpu_count() or 1):
-                    np.asarray(ids + [eot], dtype=dtype).tofile(out)
-                    n_tokens += len(ids) + 1
-            n_docs += len(docs)
-            bar.update(os.path.getsize(path))
-    os.replace(bin_path + ".tmp", bin_path)
-    n_train = int(n_tokens * (1 - val_fraction))
-    return {"key": key, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_train": n_train,
-            "n_docs": n_docs, "files": files, "tokenizer": enc.name}
+    atomic_write(bin_path, write_tokens)
+    return {"key": key, "dtype": np.dtype(dtype).name, "n_tokens": counts["tokens"],
+            "n_train": int(counts["tokens"] * (1 - val_fraction)), "n_docs": counts["docs"], "files": files,
+            "tokenizer": enc.name}
 
 
 # -----------------------------------------------------------------------------
@@ -187,14 +188,14 @@ class BatchSampler:
     """
 
     def __init__(self, tokens, block_size, batch_size, seed, device):
-        if len(tokens) <= block_size + 1:
-            raise DataError(f"only {len(tokens)} tokens in this split, need more than block_size + 1 = {block_size + 1}")
+        if len(tokens) < block_size + 1:
+            raise DataError(f"only {len(tokens)} tokens in this split, need at least block_size + 1 = {block_size + 1}")
         self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, n_micro, rank=0, world_size=1):
         """This rank's n_micro (x, y) batches of the next optimizer step, each (B, T)."""
-        offsets = torch.randint(len(self.tokens) - self.block_size - 1, (world_size * n_micro, self.batch_size),
+        offsets = torch.randint(len(self.tokens) - self.block_size, (world_size * n_micro, self.batch_size),
                                 generator=self.generator)
         return [self.window_batch(o) for o in offsets[rank * n_micro:(rank + 1) * n_micro].tolist()]
 
@@ -208,7 +209,7 @@ class BatchSampler:
 
     def eval_batches(self, n_batches):
         """n_batches fixed windows spread evenly over the split: the same ones at every evaluation."""
-        span = len(self.tokens) - self.block_size - 1
+        span = len(self.tokens) - self.block_size - 1  # last valid start
         starts = np.linspace(0, span, n_batches * self.batch_size, dtype=np.int64).tolist()
         return [self.window_batch(starts[i:i + self.batch_size]) for i in range(0, len(starts), self.batch_size)]
 

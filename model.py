@@ -289,6 +289,12 @@ class GPT(nn.Module):
         targets (B, T) holds the token that should follow each position (idx shifted left by one).
         With a KVCache, idx holds only the new tokens and the cache supplies the earlier ones.
         """
+        logits = self.lm_head(self.hidden_states(idx, cache))    # (B, T, C) -> (B, T, V)
+        loss = cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def hidden_states(self, idx, cache=None):
+        """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or a reward head) reads."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         assert pos + T <= self.config.block_size, f"sequence of {pos + T} tokens > block_size {self.config.block_size}"
@@ -301,11 +307,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.ln_f(x))                      # (B, T, C) -> (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = cross_entropy(logits, targets)
-        return logits, loss
+        return self.ln_f(x)
 
     # -------------------------------------------------------------------------
     # Generation
@@ -319,14 +321,15 @@ class GPT(nn.Module):
             if use_cache and idx.size(1) <= self.config.block_size:
                 if cache is None:  # prefill: run the whole prompt once and keep its keys/values
                     cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    logits, _ = self(idx, cache=cache)
+                    h = self.hidden_states(idx, cache)
                 else:              # decode: only the newest token goes through the network
-                    logits, _ = self(idx[:, -1:], cache=cache)
+                    h = self.hidden_states(idx[:, -1:], cache)
             else:
                 # no cache, or the sequence outgrew block_size: recompute over the last block_size
                 # tokens (positions shift, so cached keys would be wrong from here on)
-                logits, _ = self(idx[:, -self.config.block_size:])
-            next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                h = self.hidden_states(idx[:, -self.config.block_size:])
+            logits = self.lm_head(h[:, -1, :])  # (B, V): only the last position predicts the next token
+            next_tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:  # rows that already stopped keep emitting stop_token
                 next_tok = next_tok.masked_fill(done.unsqueeze(1), stop_token)
                 done = done | (next_tok.squeeze(1) == stop_token)
@@ -447,7 +450,7 @@ def cross_entropy(logits, targets):
     Shape: logits z (B, T, V), targets y (B, T). Computed in fp32; a batch with no target gives 0, not NaN.
     """
     V = logits.size(-1)
-    total = F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -476,11 +479,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def atomic_write(path, write_fn):
     """Write to path.tmp, flush to disk, then rename: a crash never leaves a half-written file at path."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the writer failed: drop the partial file, keep the old one
+            os.remove(tmp)
 
 
 def save_checkpoint(path, **state):
@@ -558,8 +565,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per torchrun process; cuda:0 in a plain run
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -590,9 +597,11 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     return Runtime(device, dtype, autocast, scaler, rank, local_rank, world)
 
 
-# dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; checked in order, so
+# the more specific name comes first ("H100 PCIe" before "H100", "L40S" before "L40" before "L4")
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                  ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+                  ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
 
 
 def peak_flops(device, dtype, seconds=0.5):
@@ -600,16 +609,17 @@ def peak_flops(device, dtype, seconds=0.5):
     measured rate of a large matmul in the training dtype on this machine."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
+        for key, flops in GPU_PEAK_FLOPS:
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half the bf16 rate
     n = 1024
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     a = b = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not randn: leave the seeded RNG alone
     a @ b
+    sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
-    if device.type != "cpu":
-        torch.cuda.synchronize() if device.type == "cuda" else torch.mps.synchronize()
+    sync()
     return 2 * n ** 3 * count / (time.perf_counter() - t0)

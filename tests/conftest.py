@@ -1,0 +1,37 @@
+"""Shared pytest set-up: the repository root on sys.path, the `slow` marker, tiny model configs.
+
+Run the whole suite with `python -m pytest tests`; skip the slow tests with `-m "not slow"`.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402  (needs the path above)
+import model  # noqa: E402
+
+torch.set_num_threads(1)  # tiny tensors gain nothing from threads, and the CPU is shared
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU (still runs by default)")
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(family, **overrides) -> a GPTConfig small enough for CPU tests in milliseconds."""
+    def make(family="gpt2", **overrides):
+        kw = dict(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, **model.FAMILIES[family])
+        kw.update(overrides)
+        return model.GPTConfig(**kw)
+    return make
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """GPT-2's tiktoken encoding, built offline from data/tokenizer/gpt2.tiktoken (once per session)."""
+    return data.get_encoding(data.gpt2_tokenizer())

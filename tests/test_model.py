@@ -1,0 +1,592 @@
+"""Tests for model.py: shapes, the loss, norms, RoPE, attention, the KV cache, sampling,
+GPT-2 import/export, checkpoints, the optimizer groups, FLOP counting and the runtime set-up.
+
+Every test builds a tiny model (2 layers, width 32, context 16, vocabulary 100) on the CPU and
+checks values: hand-computed cases (arithmetic in the comments), equivalence with torch or
+Hugging Face, and invariants. Run: python -m pytest tests/test_model.py
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, IGNORE_INDEX
+
+# (family, config overrides): the two families, and grouped-query attention (4 query heads share 2 k/v heads)
+CASES = {"gpt2": ("gpt2", {}), "modern": ("modern", {}), "gqa": ("modern", dict(n_head=4, n_kv_head=2))}
+
+
+def make_model(config, seed=0):
+    """A GPT in eval mode whose weights are the usual init plus N(0, 0.1²) noise, so that biases and
+    norm weights are not 0 and 1 and the logits are spread out (no near-ties in argmax)."""
+    torch.manual_seed(seed)
+    m = GPT(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def case_model(tiny_config, case, seed=0, **overrides):
+    family, kw = CASES[case]
+    return make_model(tiny_config(family, **{**kw, **overrides}), seed)
+
+
+def twin(m, **changes):
+    """A copy of m with the same weights and some config fields changed (e.g. attn_impl)."""
+    other = GPT(dataclasses.replace(m.config, **changes)).eval()
+    other.load_state_dict(m.state_dict())
+    return other
+
+
+def tokens(B, T, V=100, seed=0):
+    return torch.randint(V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# Shapes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_loss_shapes(tiny_config, case):
+    m = case_model(tiny_config, case)
+    idx = tokens(3, 16)
+    logits, loss = m(idx, targets=idx)
+    assert logits.shape == (3, 16, 100)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert m(idx)[1] is None
+    # qkv has (H + 2*Hkv) * D outputs: 2 heads, D 16 -> (2+4)*16 = 96; GQA 4 q + 2 kv heads, D 8 -> (4+4)*8 = 64
+    H, Hkv, D = m.config.n_head, m.config.n_kv_head, 32 // m.config.n_head
+    assert m.blocks[0].attn.qkv.weight.shape == ((H + 2 * Hkv) * D, 32)
+    assert (case == "gqa") == (Hkv < H)
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+
+def test_cross_entropy_of_zero_logits_is_log_vocab():
+    # uniform distribution over V = 100 ids: -log(1/100) = ln 100 ≈ 4.6052 at every position
+    targets = tokens(2, 5)
+    loss = model.cross_entropy(torch.zeros(2, 5, 100), targets)
+    torch.testing.assert_close(loss, torch.tensor(math.log(100)))
+
+
+def random_logits_and_targets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(2, 6, 11, generator=g)).requires_grad_()
+    targets = torch.randint(11, (2, 6), generator=g)
+    targets[0, 2] = targets[1, 0] = targets[1, 5] = IGNORE_INDEX
+    return logits, targets
+
+
+def loss_and_grad(fn, logits, targets):
+    logits = logits.detach().clone().requires_grad_()
+    loss = fn(logits, targets)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+def test_cross_entropy_matches_torch_value_and_gradient():
+    logits, targets = random_logits_and_targets()
+    ours = loss_and_grad(model.cross_entropy, logits, targets)
+    ref = loss_and_grad(lambda z, y: F.cross_entropy(z.view(-1, 11), y.view(-1), ignore_index=IGNORE_INDEX),
+                        logits, targets)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_cross_entropy_ignores_masked_positions():
+    logits, targets = random_logits_and_targets()
+    changed = logits.detach().clone()
+    changed[0, 2] += 10 * torch.randn(11)  # position (0, 2) has target IGNORE_INDEX
+    loss_a, grad_a = loss_and_grad(model.cross_entropy, logits, targets)
+    loss_b, grad_b = loss_and_grad(model.cross_entropy, changed, targets)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(grad_a, grad_b)
+    # d(mean loss)/dz_t = (softmax(z_t) - onehot(y_t)) / 9 over the 12 - 3 = 9 real targets, 0 where ignored
+    valid = (targets != IGNORE_INDEX).unsqueeze(-1)
+    onehot = F.one_hot(targets.clamp(min=0), 11)
+    torch.testing.assert_close(grad_a, (logits.detach().softmax(-1) - onehot) * valid / 9)
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    loss = model.cross_entropy(logits, torch.full((2, 3), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_cross_entropy_accepts_sliced_logits():
+    logits, targets = random_logits_and_targets()
+    sliced = logits.detach()[:, :-1]  # (B, T-1, V), what a loss over response tokens passes
+    torch.testing.assert_close(model.cross_entropy(sliced, targets[:, 1:]),
+                               model.cross_entropy(sliced.contiguous(), targets[:, 1:]))
+
+
+# -----------------------------------------------------------------------------
+# Norms
+
+
+def test_norms_hand_computed():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # LayerNorm: mean 2.5, var (2.25 + 0.25 + 0.25 + 2.25)/4 = 1.25, y = (x - 2.5)/√1.25
+    ln = model.LayerNorm(4, eps=0.0, bias=True)
+    torch.testing.assert_close(ln(x), torch.tensor([[-1.5, -0.5, 0.5, 1.5]]) / math.sqrt(1.25))
+    # RMSNorm: mean(x²) = (1 + 4 + 9 + 16)/4 = 7.5, y = x/√7.5
+    rms = model.RMSNorm(4, eps=0.0)
+    torch.testing.assert_close(rms(x), x / math.sqrt(7.5))
+
+
+def norm_input(dtype, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(4, 5, 32, generator=g)).to(dtype)
+
+
+# fp16 with values ~1e4: x² ~ 1e8 overflows fp16 (max 65504) unless the statistics are computed in fp32
+NORM_CASES = [(torch.float32, 1.0), (torch.float32, 1e4), (torch.bfloat16, 1.0), (torch.bfloat16, 1e4),
+              (torch.float16, 1e4)]
+
+
+def norm_tolerance(dtype):
+    return {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # the output is rounded to x's dtype
+
+
+@pytest.mark.parametrize("dtype,scale", NORM_CASES)
+def test_layernorm_matches_torch(dtype, scale):
+    ln = model.LayerNorm(32, eps=1e-5, bias=True)
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.3)
+        ln.bias.normal_(0.0, 0.3)
+    x = norm_input(dtype, scale)
+    ref = F.layer_norm(x.float(), (32,), ln.weight, ln.bias, 1e-5)
+    torch.testing.assert_close(ln(x).float(), ref, **norm_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype,scale", NORM_CASES)
+def test_rmsnorm_matches_torch(dtype, scale):
+    rms = model.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        rms.weight.normal_(1.0, 0.3)
+    x = norm_input(dtype, scale)
+    ref = F.rms_norm(x.float(), (32,), rms.weight, 1e-5)
+    torch.testing.assert_close(rms(x).float(), ref, **norm_tolerance(dtype))
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rotate(x, pos, tables):
+    """apply_rope to one vector x (D,) as if it sat at position pos."""
+    cos, sin = tables
+    return model.apply_rope(x.view(1, 1, 1, -1), cos[pos:pos + 1], sin[pos:pos + 1]).view(-1)
+
+
+def test_rope_tables_hand_computed_and_position_zero_is_identity():
+    # D = 2: one frequency, theta^0 = 1, so position p rotates (x1, x2) by p radians
+    cos, sin = model.rope_tables(3, 2, 10000.0)
+    torch.testing.assert_close(cos[:, 0], torch.tensor([1.0, math.cos(1), math.cos(2)]))
+    rotated = rotate(torch.tensor([1.0, 0.0]), 1, (cos, sin))
+    torch.testing.assert_close(rotated, torch.tensor([math.cos(1), math.sin(1)]))
+    tables = model.rope_tables(16, 8, 10000.0)
+    x = torch.randn(2, 3, 16, 8)
+    torch.testing.assert_close(model.apply_rope(x[:, :, :1], tables[0][:1], tables[1][:1]), x[:, :, :1])
+
+
+def test_rope_preserves_norm():
+    cos, sin = model.rope_tables(16, 8, 10000.0)
+    x = torch.randn(2, 3, 16, 8)
+    torch.testing.assert_close(model.apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rope_dot_product_depends_only_on_distance():
+    tables = model.rope_tables(16, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    dots = [rotate(q, m, tables) @ rotate(k, n, tables) for m, n in [(3, 1), (7, 5), (15, 13)]]  # distance 2
+    torch.testing.assert_close(dots[1], dots[0])
+    torch.testing.assert_close(dots[2], dots[0])
+    assert not torch.allclose(rotate(q, 4, tables) @ rotate(k, 1, tables), dots[0])  # distance 3 differs
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_manual_attention_matches_sdpa(tiny_config, case):
+    sdpa = case_model(tiny_config, case, attn_impl="sdpa")
+    manual = twin(sdpa, attn_impl="manual")
+    idx = tokens(2, 16)
+    for m in (sdpa, manual):
+        m.zero_grad()
+        m(idx, targets=idx.roll(-1, 1))[1].backward()
+    torch.testing.assert_close(manual(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(manual.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads(tiny_config, attn_impl):
+    # H 4 query heads, Hkv 2 k/v heads of D 8: query heads 0, 1 read k/v head 0 and heads 2, 3 read head 1.
+    # An MHA model whose k/v heads are copies [k0, k0, k1, k1] must give the same logits.
+    gqa = case_model(tiny_config, "gqa", attn_impl=attn_impl)
+    mha = GPT(dataclasses.replace(gqa.config, n_kv_head=4)).eval()
+    sd = gqa.state_dict()
+    for i in range(2):
+        q, k, v = sd[f"blocks.{i}.attn.qkv.weight"].split([32, 16, 16])  # rows: (H + 2·Hkv)·D = 64
+        k, v = (w.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32) for w in (k, v))
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
+    mha.load_state_dict(sd)
+    idx = tokens(2, 16)
+    torch.testing.assert_close(gqa(idx)[0], mha(idx)[0])
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("case", CASES)
+def test_future_tokens_do_not_change_past_logits(tiny_config, case, attn_impl):
+    m = case_model(tiny_config, case, attn_impl=attn_impl)
+    idx = tokens(2, 16)
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 100  # change only position j = 9
+    before, after = m(idx)[0], m(changed)[0]
+    torch.testing.assert_close(after[:, :9], before[:, :9])
+    assert not torch.allclose(after[:, 9:], before[:, 9:])
+
+
+# -----------------------------------------------------------------------------
+# KV cache and generation
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("case", CASES)
+def test_kv_cache_steps_match_full_forward(tiny_config, case, attn_impl):
+    m = case_model(tiny_config, case, attn_impl=attn_impl)
+    idx = tokens(2, 16)
+    cache = model.KVCache(m.config, 2, "cpu", torch.float32)
+    steps = [m(idx[:, :5], cache=cache)[0]]                   # prefill 5 tokens ...
+    steps += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]  # ... then one at a time
+    assert cache.pos == 16
+    torch.testing.assert_close(torch.cat(steps, dim=1), m(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+# (prompt length, new tokens): inside block_size 16, and 10 + 12 = 22 tokens running past it
+@pytest.mark.parametrize("prompt_len,new", [(4, 8), (10, 12)])
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generate_with_cache_equals_without(tiny_config, case, prompt_len, new):
+    m = case_model(tiny_config, case)
+    idx = tokens(2, prompt_len)
+    cached = m.generate(idx, new, temperature=0, use_cache=True)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, m.generate(idx, new, temperature=0, use_cache=False))
+
+
+def test_temperature_zero_is_deterministic_argmax(tiny_config):
+    m = case_model(tiny_config, "modern")
+    idx = tokens(2, 4)
+    out = m.generate(idx, 6, temperature=0)
+    assert torch.equal(out, m.generate(idx, 6, temperature=0))
+    assert torch.equal(out[:, :4], idx)
+    for t in range(4, 10):  # each new token is the argmax of the model's logits on the prefix before it
+        assert torch.equal(out[:, t], m(out[:, :t])[0][:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_p=1e-6)], ids=["top_k=1", "top_p=1e-6"])
+def test_sampling_with_one_candidate_equals_greedy(tiny_config, kwargs):
+    m = case_model(tiny_config, "gpt2")
+    idx = tokens(3, 4)
+    sampled = m.generate(idx, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(sampled, m.generate(idx, 8, temperature=0))
+
+
+def draw(logits, n=4000, seed=0, **kwargs):
+    """n draws of sample_next from the same logits row: a (n,) tensor of ids."""
+    rows = logits.unsqueeze(0).repeat(n, 1)
+    return model.sample_next(rows, generator=torch.Generator().manual_seed(seed), **kwargs).view(-1)
+
+
+# probs 0.5, 0.3, 0.15, 0.05; mass before each id: 0, 0.5, 0.8, 0.95. The nucleus keeps an id while
+# the mass before it is < p: p 0.4 -> {0}; 0.7 -> {0, 1} (0.5 + 0.3 = 0.8 >= 0.7); 0.9 -> {0, 1, 2}
+@pytest.mark.parametrize("top_p,kept", [(0.4, {0}), (0.7, {0, 1}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_sample_next_top_p_keeps_smallest_set_reaching_p(top_p, kept):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    ids = draw(probs.log(), top_p=top_p)
+    assert set(ids.tolist()) == kept
+    # renormalised over the kept set: P(id 0) = 0.5 / sum(kept probs), e.g. 0.5/0.8 = 0.625 for p = 0.7
+    expected = 0.5 / probs[sorted(kept)].sum().item()
+    assert abs((ids == 0).float().mean().item() - expected) < 0.04
+
+
+def test_sample_next_top_k_masks_all_but_k_largest():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5])
+    ids = draw(logits, top_k=2)
+    assert set(ids.tolist()) == {1, 4}
+    # softmax over the kept logits 3.0 and 2.5: P(id 1) = 1/(1 + e^-0.5) ≈ 0.6225
+    assert abs((ids == 1).float().mean().item() - 1 / (1 + math.exp(-0.5))) < 0.04
+
+
+def successor_model(tiny_config):
+    """A gpt2-family model that always predicts (last token + 1) mod 32.
+
+    Every block outputs 0 (all its weights are 0), so the final state is tok_emb[i] = 10·e_i. LayerNorm
+    maps it to a·e_i + b with a > 0, and lm_head row j is e_{j-1}, so logit j = a·[j - 1 = i] + b.
+    """
+    m = GPT(tiny_config("gpt2", vocab_size=32, tie_embeddings=False)).eval()  # V = C = 32
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.fill_(1.0 if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else 0.0)
+        m.tok_emb.weight.copy_(10 * torch.eye(32))
+        m.lm_head.weight.copy_(torch.eye(32).roll(1, dims=0))  # row j holds its 1 in column j - 1
+    return m
+
+
+def test_stop_token_ends_generation_and_pads_finished_rows(tiny_config):
+    m = successor_model(tiny_config)
+    prompt = torch.tensor([[5], [3]])
+    assert m.generate(prompt, 4, temperature=0)[:, 1:].tolist() == [[6, 7, 8, 9], [4, 5, 6, 7]]
+    assert m.generate(torch.tensor([[30]]), 3, temperature=0).tolist() == [[30, 31, 0, 1]]  # wraps mod 32
+    # stop at 7: row 0 emits it 2nd and is padded with 7; row 1 emits it 4th, so 4 of the 10 steps run
+    steps = list(m.stream(prompt, 10, temperature=0, stop_token=7))
+    assert len(steps) == 4 and all(s.shape == (2, 1) for s in steps)
+    out = m.generate(prompt, 10, temperature=0, stop_token=7)
+    assert out.tolist() == [[5, 6, 7, 7, 7], [3, 4, 5, 6, 7]]
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 format
+
+
+def random_hf_gpt2(transformers, seed=0):
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorm weights to 1: randomise every tensor
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_from_pretrained_matches_hugging_face(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = random_hf_gpt2(transformers)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert (ours.config.block_size, ours.config.n_layer, ours.config.n_embd) == (64, 2, 32)
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_save_pretrained_loads_in_hugging_face(tiny_config, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = case_model(tiny_config, "gpt2")
+    ours.save_pretrained(str(tmp_path))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_save_pretrained_round_trip_and_file_format(tiny_config, tmp_path):
+    ours = case_model(tiny_config, "gpt2")
+    ours.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
+    with open(tmp_path / "config.json") as f:
+        hf_config = json.load(f)
+    assert (hf_config["model_type"], hf_config["n_embd"], hf_config["n_positions"]) == ("gpt2", 32, 16)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    # Conv1D stores (in, out): c_attn (C, 3C) = (32, 96), c_fc (32, 128), mlp c_proj (128, 32)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    assert sd["transformer.h.1.mlp.c_fc.weight"].shape == (32, 128)
+    assert sd["transformer.h.1.mlp.c_proj.weight"].shape == (128, 32)
+    assert torch.equal(sd["transformer.h.0.attn.c_attn.weight"], ours.blocks[0].attn.qkv.weight.t())
+    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = tokens(2, 16)
+    assert torch.equal(loaded(idx)[0], ours(idx)[0])
+    # load_model on a Hugging Face directory: the same model, plus the bundled GPT-2 tokenizer
+    via_load_model, ckpt = model.load_model(str(tmp_path))
+    assert torch.equal(via_load_model(idx)[0], ours(idx)[0])
+    assert (ckpt["tokenizer"]["name"], ckpt["step"]) == ("gpt2", 0)
+
+
+@pytest.mark.parametrize("family,overrides", [("modern", {}), ("gpt2", dict(tie_embeddings=False)),
+                                              ("gpt2", dict(n_kv_head=1))])
+def test_save_pretrained_rejects_non_gpt2_models(tiny_config, tmp_path, family, overrides):
+    with pytest.raises(ValueError):
+        GPT(tiny_config(family, **overrides)).save_pretrained(str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_from_pretrained_rejects_other_model_types(tmp_path):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(model_type="llama", n_positions=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32), f)
+    with pytest.raises(ValueError, match="llama"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def assert_same(a, b):
+    """Exact equality of nested dicts/lists/tuples of tensors and plain values, types included."""
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_checkpoint_round_trip_is_exact(tiny_config, tmp_path):
+    m = case_model(tiny_config, "gqa")
+    state = dict(model=m.state_dict(), model_config=dataclasses.asdict(m.config), step=7,
+                 args={"lr": 3e-4, "betas": (0.9, 0.95), "name": "run", "flag": None},
+                 sampler={"generator": torch.Generator().manual_seed(3).get_state()},
+                 nested={"a": {"b": [torch.arange(3, dtype=torch.int16), torch.randn(2, 2).bfloat16()]}})
+    path = str(tmp_path / "sub" / "ckpt.pt")  # save_checkpoint creates the directory
+    model.save_checkpoint(path, **state)
+    assert os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no .tmp left behind
+    loaded = model.load_checkpoint(path)
+    assert_same(loaded, state)
+    # from_dict ignores keys a newer version might add
+    assert model.GPTConfig.from_dict({**loaded["model_config"], "unknown_field": 1}) == m.config
+
+
+_UNPICKLED = []
+
+
+def _record_unpickle():
+    _UNPICKLED.append("code ran")
+
+
+class _Sneaky:
+    """Unpickling this object calls _record_unpickle: stands in for arbitrary code in a checkpoint."""
+
+    def __reduce__(self):
+        return (_record_unpickle, ())
+
+
+def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "step": 1, "payload": _Sneaky()}, path)
+    _UNPICKLED.clear()
+    with pytest.raises(pickle.UnpicklingError):
+        model.load_checkpoint(str(path))
+    assert _UNPICKLED == []
+    torch.load(path, weights_only=False)  # control: a full unpickle would have run the payload
+    assert _UNPICKLED == ["code ran"]
+
+
+def test_load_model_from_directory_and_file(tiny_config, tmp_path):
+    m = case_model(tiny_config, "gqa", rope_theta=500.0)
+    model.save_checkpoint(str(tmp_path / "ckpt.pt"), model=m.state_dict(),
+                          model_config=dataclasses.asdict(m.config), step=5)
+    idx = tokens(2, 16)
+    for init_from in (str(tmp_path), str(tmp_path / "ckpt.pt")):
+        loaded, ckpt = model.load_model(init_from)
+        assert loaded.config == m.config and ckpt["step"] == 5
+        assert torch.equal(loaded.eval()(idx)[0], m(idx)[0])
+    with pytest.raises(FileNotFoundError):
+        model.load_model(str(tmp_path / "missing"))
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    path = str(tmp_path / "file.bin")
+    model.atomic_write(path, lambda f: f.write(b"old"))
+
+    def failing_writer(f):
+        f.write(b"new and half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.atomic_write(path, failing_writer)
+    with open(path, "rb") as f:
+        assert f.read() == b"old"
+    model.atomic_write(path, lambda f: f.write(b"new"))
+    with open(path, "rb") as f:
+        assert f.read() == b"new"
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, parameter and FLOP counts, runtime
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_configure_optimizer_decays_matrices_only(tiny_config, case):
+    m = case_model(tiny_config, case)
+    m.ln_f.weight.requires_grad_(False)  # frozen parameters are left out
+    decayed, plain = model.configure_optimizer(m, lr=1e-3, weight_decay=0.1).param_groups
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    ids = [id(p) for p in decayed["params"] + plain["params"]]
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}  # parameters() lists tied lm_head once
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
+    assert id(m.ln_f.weight) not in ids
+
+
+# gpt2, V 100, C 32, L 2, block 16. Per block: ln1 + ln2 2·2C = 128, qkv 3C² + 3C = 3168, attn proj
+# C² + C = 1056, fc 4C² + 4C = 4224, mlp proj 4C² + C = 4128 -> 12704. N = 2·12704 + tok_emb V·C 3200
+# (tied with lm_head) + ln_f 64 = 28672; the position table 16·32 = 512 is left out.
+# modern, no biases: norms 2C = 64, qkv 3C² = 3072, proj C² = 1024, SwiGLU hidden 64·ceil(8·32/3/64) = 128:
+# fc 32·256 = 8192, proj 128·32 = 4096 -> 16448 per block; N = 2·16448 + 3200 + ln_f 32 = 36128.
+@pytest.mark.parametrize("family,n_params,n_pos", [("gpt2", 28672, 512), ("modern", 36128, 0)])
+def test_num_params_and_flops_per_token_hand_computed(tiny_config, family, n_params, n_pos):
+    m = GPT(tiny_config(family))
+    assert m.num_params() == n_params
+    assert m.num_params(non_embedding=False) == n_params + n_pos
+    # 6N + 12·L·C·T, attention term 12·2·32·16 = 12288 at T = block_size, 12·2·32·8 = 6144 at T = 8
+    assert m.flops_per_token() == 6 * n_params + 12288
+    assert m.flops_per_token(T=8) == 6 * n_params + 6144
+    untied = GPT(tiny_config(family, tie_embeddings=False))
+    assert untied.num_params() == n_params + 3200  # a separate lm_head adds V·C = 3200
+
+
+def test_setup_runtime_cpu_fp32():
+    rt = model.setup_runtime(device="cpu")
+    assert (rt.device.type, rt.dtype, rt.world_size, rt.ddp, rt.master) == ("cpu", torch.float32, 1, False, True)
+    assert not rt.scaler.is_enabled()
+    with rt.autocast:
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_setup_runtime_cpu_bfloat16_autocast():
+    rt = model.setup_runtime(device="cpu", dtype="bfloat16")
+    assert rt.dtype == torch.bfloat16 and not rt.scaler.is_enabled()
+    with rt.autocast:
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_tiny_model_overfits_one_batch(tiny_config, family):
+    torch.manual_seed(0)
+    m = GPT(tiny_config(family))
+    batch = tokens(4, 17, seed=1)
+    x, y = batch[:, :-1], batch[:, 1:]
+    opt = model.configure_optimizer(m, lr=1e-2, weight_decay=0.1)
+    losses = []
+    for _ in range(40):
+        loss = m(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(100)) < 0.3  # a fresh model is near uniform: ln 100 ≈ 4.61
+    assert losses[-1] < 0.5 * losses[0]
