@@ -27,6 +27,9 @@ from model import atomic_write
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EOT = "<|endoftext|>"
+# Chat roles for instruction tuning, as special tokens. They live in ids no text can produce
+# (encode_ordinary never emits them), so neither a dataset nor a chat user can forge a turn.
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 class DataError(Exception):
@@ -40,13 +43,15 @@ class DataError(Exception):
 def gpt2_tokenizer():
     """GPT-2's BPE as a plain dict: pre-tokenization regex, ranks (the tiktoken file's text), specials.
 
-    GPT-2 has 50,257 ids: 50,256 byte-level merges ranks plus <|endoftext|> at 50256. The model's
-    vocabulary is padded to 50,304, so ids 50257..50303 are free for special tokens added later.
+    GPT-2 has 50,257 ids: 50,256 byte-level merge ranks plus <|endoftext|> at 50256. Our chat tokens
+    take 50257..50260, inside the model's vocabulary padded to 50,304 (a GPT-2 checkpoint from
+    Hugging Face has only 50,257 rows; fine-tuning grows its embedding to make room).
     """
     from tiktoken_ext.openai_public import r50k_pat_str  # the regex string only; downloads nothing
     with open(os.path.join(DATA_DIR, "tokenizer", "gpt2.tiktoken")) as f:
         ranks = f.read()
-    return {"name": "gpt2", "pat_str": r50k_pat_str, "ranks": ranks, "special_tokens": {EOT: 50256}}
+    specials = {name: 50256 + i for i, name in enumerate([EOT] + CHAT_TOKENS)}
+    return {"name": "gpt2", "pat_str": r50k_pat_str, "ranks": ranks, "special_tokens": specials}
 
 
 def get_encoding(tok):
