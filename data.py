@@ -116,6 +116,9 @@ def read_documents(path, field="text"):
     if not path.endswith(".jsonl"):
         yield text
         return
+    if field is None:  # the raw lines, for callers that parse records themselves
+        yield from text.split("\n")
+        return
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -177,6 +180,124 @@ def _tokenize_files(files, enc, bin_path, key, val_fraction):
     return {"key": key, "dtype": np.dtype(dtype).name, "n_tokens": counts["tokens"],
             "n_train": int(counts["tokens"] * (1 - val_fraction)), "n_docs": counts["docs"], "files": files,
             "tokenizer": enc.name}
+
+
+# -----------------------------------------------------------------------------
+# Instruction data: records -> chat messages -> token ids with the prompt masked
+
+ROLES = ("system", "user", "assistant")
+
+
+def to_messages(record, where):
+    """One training record as a list of {"role", "content"} messages. Three formats are read:
+    Alpaca {"instruction", "input", "output"}, chat {"messages": [...]}, and {"prompt", "completion"}."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record is not a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
+    elif isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        user = record["instruction"]
+        if isinstance(record.get("input"), str) and record["input"].strip():
+            user += "\n\n" + record["input"]  # Alpaca's optional context follows the instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    else:
+        raise DataError(f"{where}: record fits none of Alpaca (instruction/input/output), chat (messages) "
+                        "or prompt/completion")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant message to learn from")
+    return messages
+
+
+def read_chat_records(path):
+    """All conversations of a .jsonl file, each a list of messages; errors name the file and line."""
+    if not path.endswith(".jsonl"):
+        raise DataError(f"{path}: instruction data must be a .jsonl file")
+    conversations = []
+    for lineno, line in enumerate(read_documents(path, field=None), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        conversations.append(to_messages(record, f"{path}:{lineno}"))
+    return conversations
+
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """The chat template, and which tokens the model learns from.
+
+    Each message becomes <|role|> content <|end|>. ids are the tokens; labels[i] = ids[i] where the
+    token belongs to an assistant reply (its content and closing <|end|>, so the model learns to stop)
+    and IGNORE_INDEX elsewhere: system and user text, and the role markers, are read, not predicted.
+    With add_generation_prompt the ids end with <|assistant|>, where a reply should begin.
+    """
+    from model import IGNORE_INDEX
+    end = enc._special_tokens["<|end|>"]
+    ids, labels = [], []
+    for m in messages:
+        content = encode(enc, m["content"]) + [end]
+        ids += [enc._special_tokens[f"<|{m['role']}|>"]] + content
+        labels += [IGNORE_INDEX] + (content if m["role"] == "assistant" else [IGNORE_INDEX] * len(content))
+    if add_generation_prompt:
+        ids.append(enc._special_tokens["<|assistant|>"])
+        labels.append(IGNORE_INDEX)
+    return ids, labels
+
+
+def fit_to_length(ids, labels, max_len, policy="truncate"):
+    """Make an example at most max_len tokens, or return None to drop it.
+
+    "truncate" cuts tokens from the left (the oldest turns of the prompt) and keeps the last reply
+    whole; an example whose last reply alone does not fit is dropped. "drop" drops every example
+    that is too long. Returns (ids, labels, what) with what in {"kept", "truncated", "dropped"}.
+    """
+    if len(ids) <= max_len:
+        return ids, labels, "kept"
+    if policy == "truncate":
+        from model import IGNORE_INDEX
+        last_prompt = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX and
+                          any(lab != IGNORE_INDEX for lab in labels[i + 1:]))  # the <|assistant|> of the last reply
+        if len(ids) - last_prompt <= max_len:
+            return ids[-max_len:], labels[-max_len:], "truncated"
+    return None, None, "dropped"
+
+
+def pad_batch(examples, pad_id):
+    """Right-pad (ids, labels) pairs into x, y tensors (B, T): y is labels shifted left by one, so
+    y[t] is the token that should follow x[t]; padding gets IGNORE_INDEX and adds nothing to the loss."""
+    from model import IGNORE_INDEX
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, labels) in enumerate(examples):
+        n = len(ids) - 1
+        x[row, :n] = torch.tensor(ids[:-1])
+        y[row, :n] = torch.tensor(labels[1:])
+    return x, y
+
+
+def pack_examples(examples, block_size, pad_id):
+    """Greedily concatenate (ids, labels) examples into rows of block_size + 1 tokens (an example is
+    never split; a row that cannot take the next example is padded). Fewer pad tokens, so more of
+    each batch is learning; the cost is that an example may attend to the one before it in its row
+    (no cross-example mask), which is common practice for short examples."""
+    from model import IGNORE_INDEX
+    rows, ids_row, labels_row = [], [], []
+    for ids, labels in examples:
+        if len(ids_row) + len(ids) > block_size + 1 and ids_row:
+            rows.append((ids_row, labels_row))
+            ids_row, labels_row = [], []
+        ids_row, labels_row = ids_row + ids, labels_row + labels
+    if ids_row:
+        rows.append((ids_row, labels_row))
+    full = block_size + 1
+    return [(i + [pad_id] * (full - len(i)), lab + [IGNORE_INDEX] * (full - len(lab))) for i, lab in rows]
 
 
 # -----------------------------------------------------------------------------

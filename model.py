@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -283,6 +284,26 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size):
+        """Grow the token embedding (and lm_head) to vocab_size rows, e.g. to give a Hugging Face GPT-2
+        (50,257 rows) room for chat tokens. New rows start at the mean embedding, so a new token first
+        looks like an average token rather than a random one (Hewitt 2021, "Initializing New Word Embeddings")."""
+        old = self.tok_emb.weight
+        if vocab_size <= old.size(0):
+            return
+        new = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)])
+        self.tok_emb = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+        self.tok_emb.weight.copy_(new)
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            head = self.lm_head.weight
+            self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - head.size(0), -1)]))
+        self.config.vocab_size = vocab_size
+
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
 
@@ -518,7 +539,52 @@ def load_model(init_from, map_location="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Optimizer, device, precision, DDP
+# Optimizer, schedule, and what every training loop needs
+
+
+def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup for warmup_steps, then cosine decay from max_lr to min_lr_ratio·max_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    min_lr = min_lr_ratio * max_lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM ask the loop to stop: it finishes the current step, saves a checkpoint and
+    exits (check .requested once per step). A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self, log=print):
+        self.requested, self.log = False, log
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def rng_state(device):
+    """The random streams a training step draws from (dropout), to save in a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):

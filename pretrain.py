@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,17 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import FAMILIES, GPT, GPTConfig, configure_optimizer, load_model, load_checkpoint, peak_flops, \
-    save_checkpoint, setup_runtime
-
-
-def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
-    """Linear warmup for warmup_steps, then cosine decay from max_lr to min_lr_ratio·max_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    min_lr = min_lr_ratio * max_lr
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+from model import FAMILIES, GPT, GPTConfig, GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, \
+    peak_flops, rng_state, save_checkpoint, set_rng_state, setup_runtime
 
 
 def get_args(argv=None):
@@ -59,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt exactly where it stopped")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the token stream held out for validation")
     # model (ignored with --init-from or --resume: the checkpoint's config is used)
-    p.add_argument("--family", default="gpt2", choices=list(FAMILIES), help="gpt2: learned positions, LayerNorm, GELU; modern: RoPE, RMSNorm, SwiGLU")
+    p.add_argument("--family", default="modern", choices=list(FAMILIES), help="gpt2: learned positions, LayerNorm, GELU; modern: RoPE, RMSNorm, SwiGLU")
     p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
     p.add_argument("--n-head", type=int, default=4, help="attention heads (H)")
     p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped-query attention (0 = n_head)")
@@ -67,11 +57,11 @@ def get_args(argv=None):
     p.add_argument("--block-size", type=int, default=128, help="context length T in tokens")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 = off)")
     # optimization
-    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps; the learning-rate schedule ends here")
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps; the learning-rate schedule ends here")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches summed into one optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (small models tolerate 1e-3..3e-3; GPT-2 124M: 6e-4)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear warmup steps")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     # evaluation and logging
@@ -159,12 +149,9 @@ def main(argv=None):
     def checkpoint():
         if not rt.master:
             return
-        rng = {"torch": torch.get_rng_state()}
-        if rt.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(ckpt_path, model=raw_model.state_dict(), model_config=asdict(config), tokenizer=tokenizer,
                         args=vars(args), step=step, optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(),
-                        sampler=train.state_dict(), rng=rng, stage="pretrain")
+                        sampler=train.state_dict(), rng=rng_state(rt.device), stage="pretrain")
 
     def write_log(record):
         if rt.master:
@@ -190,26 +177,14 @@ def main(argv=None):
         raw_model.train()
         return nats / n_tokens, nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
 
-    # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     if ckpt is not None:  # restored last, so that no set-up work above draws from the restored stream
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if rt.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        set_rng_state(ckpt["rng"], rt.device)
 
     # ---- training loop: evaluate -> checkpoint -> step -> log ---------------------------------
-    metrics = {}
+    metrics, stopped_early = {}, False
     bar = tqdm(total=args.max_steps, initial=step, desc="pretrain", disable=not rt.master, dynamic_ncols=True)
     t_last = time.perf_counter()
-    try:
+    with GracefulStop(log) as stop, bar:  # Ctrl-C / SIGTERM: finish the step, save, exit
         while True:
             last = step == args.max_steps
             if step % args.eval_every == 0 or last:
@@ -231,9 +206,8 @@ def main(argv=None):
                 # DDP averages gradients across processes during backward; doing that on every
                 # micro-batch would waste bandwidth, so only the last one synchronises
                 sync = micro == args.grad_accum - 1
-                with (model.no_sync() if rt.ddp and not sync else nullcontext()):
-                    with rt.autocast:
-                        _, loss = model(x, y)
+                with (model.no_sync() if rt.ddp and not sync else nullcontext()), rt.autocast:
+                    _, loss = model(x, y)
                     # the gradient of a mean over all micro-batches: divide each one's loss
                     rt.scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
@@ -262,19 +236,18 @@ def main(argv=None):
                     f" | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
                 write_log({"step": step, "train/loss": train_loss, "lr": lr, "dt_ms": dt * 1000,
                            "tok_per_s": tok_s, "mfu": mfu})
-            if stop["signal"] is not None or step == args.stop_at:
+            if stop.requested or step == args.stop_at:
                 checkpoint()
-                log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
-                return {"step": step, **metrics}
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if rt.ddp:
-            dist.destroy_process_group()
+                stopped_early = True
+                break
+    if rt.ddp:
+        dist.destroy_process_group()
 
-    log(f"done: step {step}, val loss {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bits/byte)")
-    log(f"checkpoint: {ckpt_path}\nsample from it: python sample.py --init-from {args.out} --prompt \"ROMEO:\"")
+    if stopped_early:
+        log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
+    else:
+        log(f"done: step {step}, val loss {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bits/byte)")
+        log(f"checkpoint: {ckpt_path}\nsample from it: python sample.py --init-from {args.out} --prompt \"ROMEO:\"")
     return {"step": step, **metrics}
 
 

@@ -8,9 +8,13 @@ KV cache). Works with any checkpoint of this project and with a Hugging Face GPT
 Reads: --init-from OUT_DIR (holding ckpt.pt), a ckpt.pt file, or a HF GPT-2 directory
        (config.json + model.safetensors / pytorch_model.bin).
 
+A checkpoint from instruction tuning (sft.py and later stages) is a chat model: --prompt is then sent
+as one user turn in the training chat template (data.render_chat), and --chat holds a conversation.
+
   python sample.py --init-from out/pretrain --prompt "ROMEO:"
   python sample.py --init-from ~/models/gpt2 --prompt "The capital of France is" --greedy
   echo "Once upon a time" | python sample.py --init-from out/pretrain --prompt - --num-samples 3
+  python sample.py --init-from out/sft --chat
 """
 
 import argparse
@@ -30,6 +34,8 @@ def get_args(argv=None):
     p.add_argument("--init-from", default="out/pretrain", help="checkpoint directory or file, or a Hugging Face GPT-2 directory")
     p.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from standard input")
     p.add_argument("--prompt-file", default="", help="read the prompt from this file instead")
+    p.add_argument("--chat", action="store_true", help="a multi-turn conversation on the terminal (chat models; /exit to quit)")
+    p.add_argument("--system", default="", help="system message for chat models ('' = none)")
     # sampling
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations of the prompt")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
@@ -45,6 +51,22 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def stream_reply(model, enc, ids, args, temperature, stop):
+    """Generate after ids, printing each piece as it comes; returns the generated text."""
+    idx = torch.tensor([ids[-model.config.block_size:]], device=next(model.parameters()).device)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # one character may span two tokens
+    pieces = []
+    for tok in model.stream(idx, args.max_new_tokens, temperature, args.top_k or None, args.top_p, stop):
+        t = tok.item()
+        if t == stop or t >= enc.n_vocab:  # the end, or an unused padded id
+            continue
+        pieces.append(utf8.decode(enc.decode_single_token_bytes(t)))
+        print(pieces[-1], end="", flush=True)
+    pieces.append(utf8.decode(b"", final=True))
+    print(pieces[-1])
+    return "".join(pieces)
+
+
 def main(argv=None):
     args = get_args(argv)
     rt = setup_runtime(args.device, args.dtype, args.seed)
@@ -54,37 +76,49 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.to(rt.device).eval()
     enc = data.get_encoding(ckpt["tokenizer"])
+    is_chat = ckpt.get("chat", False)
+    temperature = 0.0 if args.greedy else args.temperature
+    if args.chat and not is_chat:
+        sys.exit(f"error: {args.init_from} is not a chat model (train one with sft.py)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    if args.chat:  # the conversation so far is re-rendered each turn with the training template
+        messages, replies = list(system), []
+        while True:
+            try:
+                user = input("you> ")
+            except EOFError:
+                break
+            if user.strip() == "/exit":
+                break
+            messages.append({"role": "user", "content": user})
+            ids, _ = data.render_chat(enc, messages, add_generation_prompt=True)
+            print("assistant> ", end="", flush=True)
+            with rt.autocast:
+                replies.append(stream_reply(model, enc, ids, args, temperature, enc._special_tokens["<|end|>"]))
+            messages.append({"role": "assistant", "content": replies[-1]})
+        return replies
 
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompt = f.read()
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    ids = data.encode(enc, prompt) or [enc.eot_token]  # an empty prompt starts a new document
-    ids = ids[-model.config.block_size:]
-    idx = torch.tensor([ids], device=rt.device)
-    temperature = 0.0 if args.greedy else args.temperature
-    stop = None if args.ignore_eot else enc.eot_token
+    if is_chat:  # one user turn; the reply ends at <|end|>
+        ids, _ = data.render_chat(enc, system + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stop = enc._special_tokens["<|end|>"]
+    else:        # plain continuation; an empty prompt starts a new document
+        ids, stop = data.encode(enc, prompt) or [enc.eot_token], enc.eot_token
+    if args.ignore_eot:
+        stop = None
 
     completions = []
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples}")
-        print(prompt, end="", flush=True)
-        # tokens are byte sequences and one character may span two tokens: decode incrementally
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = []
+        print(prompt if not is_chat else f"{prompt}\n> ", end="", flush=True)
         with rt.autocast:
-            for tok in model.stream(idx, args.max_new_tokens, temperature, args.top_k or None, args.top_p, stop):
-                t = tok.item()
-                if t == stop or t >= enc.n_vocab:  # end of document, or an unused padded id
-                    continue
-                piece = utf8.decode(enc.decode_single_token_bytes(t))
-                text.append(piece)
-                print(piece, end="", flush=True)
-        text.append(utf8.decode(b"", final=True))
-        print(text[-1])
-        completions.append("".join(text))
+            completions.append(stream_reply(model, enc, ids, args, temperature, stop))
     return completions
 
 

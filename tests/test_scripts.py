@@ -1,5 +1,5 @@
 """
-End-to-end runs of the stage scripts on tiny configs: pretrain.py and sample.py.
+End-to-end runs of the stage scripts on tiny configs: pretrain.py, sft.py and sample.py.
 
 Checks that a run trains (loss falls, checkpoint written), that --resume continues exactly,
 that 2 DDP processes match 1 process with twice the gradient accumulation, that Ctrl-C/SIGTERM
@@ -22,6 +22,7 @@ import torch
 import model
 import pretrain
 import sample
+import sft
 from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def test_help_lists_flags_with_defaults():
                  "--dtype", "--compile", "--seed", "--resume", "--n-layer", "--n-head", "--n-embd", "--block-size",
                  "--family"]:
         assert flag in result.stdout
-    assert "(default: 400)" in result.stdout  # argparse shows every default
+    assert "(default: 300)" in result.stdout  # argparse shows every default
 
 
 def test_sample_reads_stdin_and_hf_directories(tmp_path):
@@ -179,3 +180,100 @@ def test_sigterm_saves_checkpoint_then_resume(text_file, tmp_path):
     assert "--resume" in stdout + stderr
     metrics = pretrain.main(tiny_args(text_file, out, "--max-steps", str(step + 2), "--eval-every", "100000", "--resume"))
     assert metrics["step"] == step + 2
+
+
+# -----------------------------------------------------------------------------
+# Instruction fine-tuning
+
+
+@pytest.fixture(scope="module")
+def base_model(text_file, tmp_path_factory):
+    """A tiny pretrained model with a 64-token context, long enough for short instructions."""
+    out = tmp_path_factory.mktemp("base")
+    pretrain.main(tiny_args(text_file, out, "--max-steps", "2", "--block-size", "64"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    """40 short Alpaca-Libre records (bundled, CC0/MIT)."""
+    path = tmp_path_factory.mktemp("sft") / "small.jsonl"
+    with open(os.path.join(ROOT, "data", "alpaca_libre_2k.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    short = [r for r in records if len(r["instruction"] + r["input"] + r["output"]) < 120][:40]
+    path.write_text("".join(json.dumps(r) + "\n" for r in short))
+    return str(path)
+
+
+def sft_args(base, data_file, out, *extra):
+    return ["--init-from", base, "--data", data_file, "--out", str(out), "--max-steps", "6", "--batch-size", "4",
+            "--eval-every", "3", "--log-every", "1", "--warmup-steps", "2", "--device", "cpu", *extra]
+
+
+def test_sft_full_then_chat(base_model, sft_file, tmp_path):
+    out = tmp_path / "sft"
+    metrics = sft.main(sft_args(base_model, sft_file, out, "--lr", "1e-3"))
+    assert metrics["step"] == 6 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["stage"] == "sft" and ckpt["chat"] is True
+    with open(out / "samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples] == [0] * 4 + [3] * 4 + [6] * 4  # 4 fixed prompts per evaluation
+    assert losses_fell(out)
+
+    # --prompt on a chat model answers one user turn; --chat holds a conversation read from stdin
+    answer = sample.main(["--init-from", str(out), "--prompt", "Say hi.", "--greedy", "--max-new-tokens", "5",
+                          "--device", "cpu"])
+    assert len(answer) == 1
+    result = run_script("sample.py", "--init-from", str(out), "--chat", "--greedy", "--max-new-tokens", "5",
+                        "--device", "cpu", input="Hello\nWhat is 2+2?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2
+    plain = run_script("sample.py", "--init-from", base_model, "--chat", "--device", "cpu", input="")
+    assert plain.returncode == 1 and "not a chat model" in plain.stderr
+
+
+def losses_fell(out):
+    losses = train_losses(out)
+    return sum(losses[s] for s in (5, 6)) / 2 < sum(losses[s] for s in (1, 2)) / 2
+
+
+def test_sft_lora_trains_only_adapters_and_writes_small_adapter(base_model, sft_file, tmp_path):
+    out = tmp_path / "lora"
+    sft.main(sft_args(base_model, sft_file, out, "--lora-r", "4", "--lr", "1e-2"))
+    base, tuned = load_checkpoint(os.path.join(base_model, "ckpt.pt"))["model"], load_checkpoint(out / "ckpt.pt")
+    assert "lora" in tuned and tuned["lora_config"]["r"] == 4
+    weights = tuned["model"]  # LoRA merged: plain names, as any checkpoint
+    assert set(weights) == set(base)
+    assert not torch.equal(weights["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # adapted
+    torch.testing.assert_close(weights["blocks.0.mlp.fc.weight"], base["blocks.0.mlp.fc.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(weights["tok_emb.weight"], base["tok_emb.weight"], rtol=0, atol=0)  # frozen
+    assert os.path.getsize(out / "ckpt.pt") > 20 * os.path.getsize(out / "adapter.pt")
+    assert losses_fell(out)
+
+
+def test_sft_lora_resume_is_exact(base_model, sft_file, tmp_path):
+    """LoRA with dropout on: 6 steps straight == 3 steps, stop, --resume, 3 more."""
+    common = ["--lora-r", "4", "--lora-dropout", "0.1"]
+    sft.main(sft_args(base_model, sft_file, tmp_path / "straight", *common))
+    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", *common, "--stop-at", "3"))
+    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", *common, "--resume"))
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+
+def test_sft_empty_after_length_policy_is_an_error(base_model, sft_file, tmp_path):
+    with pytest.raises(SystemExit, match="fewer than 2 usable examples"):
+        sft.main(sft_args(base_model, sft_file, tmp_path / "empty", "--max-len", "2"))  # <|assistant|> + reply + <|end|> > 2
+
+
+def test_sft_from_hugging_face_gpt2_grows_the_vocabulary(sft_file, tmp_path):
+    torch.manual_seed(0)
+    cfg = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, **model.FAMILIES["gpt2"])
+    model.GPT(cfg).save_pretrained(str(tmp_path / "hf"))
+    out = tmp_path / "sft"
+    sft.main(sft_args(str(tmp_path / "hf"), sft_file, out, "--max-steps", "2", "--export-hf"))
+    assert load_checkpoint(out / "ckpt.pt")["model_config"]["vocab_size"] == 50304  # room for the chat tokens
+    assert model.GPT.from_pretrained(str(out / "hf")).config.vocab_size == 50304

@@ -1,0 +1,312 @@
+"""
+Instruction fine-tuning (SFT): teach a next-token predictor to follow instructions.
+
+The guide's second stage. A pretrained model continues "What is the capital of France?" with more
+text of the same kind; after supervised training on (instruction, optional context, output) pairs
+rendered in a chat template, it answers "The capital of France is Paris." The loss is the same
+causal-LM cross-entropy as pretraining (model.cross_entropy), but only over the reply tokens:
+data.render_chat gives the prompt, system text and role markers the label IGNORE_INDEX, so the
+model is trained on p(reply | prompt), not on reproducing prompts (InstructGPT, Ouyang et al. 2022 §3.5).
+
+Two ways to train, as in the guide:
+  full fine-tuning   every parameter is updated (AdamW keeps two moments per parameter);
+  LoRA (--lora-r R)  the model is frozen and a low-rank update (α/r)·B A is learned per targeted
+                     matrix (lora.py; Hu et al. 2021, Eq. 3): far fewer trainable parameters and
+                     optimizer memory.
+
+Reads:  --init-from: a checkpoint of this project (e.g. out/pretrain) or a Hugging Face GPT-2 directory;
+        --data: .jsonl in Alpaca, chat "messages" or prompt/completion format (default: the bundled
+        Alpaca-Libre 2k, CC0/MIT).
+Writes: OUT/ckpt.pt (the full model, LoRA already merged, so sample.py and later stages read it like
+        any checkpoint), OUT/adapter.pt (LoRA runs: only A and B, plus the base's fingerprint),
+        OUT/log.jsonl, OUT/samples.jsonl (answers to fixed prompts at every evaluation).
+
+Departures: no cross-example attention mask when --pack is on (see data.pack_examples); gradient
+accumulation averages per-micro-batch means, so micro-batches with fewer reply tokens weigh more.
+
+  python sft.py --init-from out/pretrain --lora-r 8                 # LoRA on the default pretrained model
+  python sft.py --init-from gpt2 --max-steps 300 --batch-size 8     # a Hugging Face GPT-2 directory, on a GPU
+  python sft.py --init-from out/pretrain --max-steps 10 --eval-every 5 --device cpu   # seconds
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import data
+from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_config, lora_state_dict, merge_lora
+from model import GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, rng_state, \
+    save_checkpoint, set_rng_state, setup_runtime
+
+# Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
+EVAL_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
+                "Translate 'good morning' into French.", "Write a short poem about the sea."]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # I/O
+    p.add_argument("--init-from", default="out/pretrain", help="checkpoint (dir or file) or Hugging Face GPT-2 directory")
+    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "alpaca_libre_2k.jsonl"),
+                   help=".jsonl: Alpaca {instruction,input,output}, chat {messages} or {prompt,completion}")
+    p.add_argument("--out", default="out/sft", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
+    p.add_argument("--export-hf", action="store_true", help="also write OUT/hf in Hugging Face GPT-2 format (gpt2 family)")
+    # data
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out for the validation loss")
+    p.add_argument("--max-len", type=int, default=0, help="longest example in tokens (0 = the model's block_size)")
+    p.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
+                   help="too-long examples: cut the prompt from the left keeping the last reply, or drop them")
+    p.add_argument("--pack", action="store_true", help="pack several examples into each block_size row instead of padding")
+    # LoRA (--lora-r 0 = full fine-tuning)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (typical 4..64; 0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA path's input")
+    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS),
+                   help="module name suffixes to adapt: attn.qkv attn.proj mlp.fc mlp.proj")
+    # optimization
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
+    p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    # evaluation and logging
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation, sample answers and checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    # system
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16/fp16 on GPUs, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the split, shuffling and LoRA init")
+    return p.parse_args(argv)
+
+
+class ExampleSampler:
+    """Shuffled passes over a list of (ids, labels) rows; the state (epoch, position) resumes exactly."""
+
+    def __init__(self, rows, batch_size, seed):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.epoch, self.pos = 0, 0
+
+    def next(self):
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.pos == len(self.rows):  # a new epoch, a new order
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            batch.append(self.rows[order[self.pos]])
+            self.pos += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    lr = args.lr or (1e-3 if args.lora_r else 1e-4)  # LoRA's few parameters want a larger step (Hu et al. §5)
+
+    # ---- setup -----------------------------------------------------------------------------------
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    log = tqdm.write
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if args.resume and resume is None:
+        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+
+    # ---- model: the base, room for the chat tokens, then LoRA if asked ----------------------------
+    try:
+        model, src = load_model(resume["args"]["init_from"] if resume else args.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: --init-from: {e}")
+    tokenizer = src["tokenizer"]
+    enc = data.get_encoding(tokenizer)
+    if any(t not in enc._special_tokens for t in data.CHAT_TOKENS):
+        sys.exit(f"error: the tokenizer of {args.init_from} has no chat tokens {data.CHAT_TOKENS}")
+    model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
+    config = model.config
+    fingerprint = None
+    if args.lora_r > 0:
+        if resume:  # the adapter of the interrupted run goes back onto the same base
+            load_lora(model, {"lora": resume["lora"], "lora_config": resume["lora_config"],
+                              "base_fingerprint": resume["base_fingerprint"]})
+            fingerprint = resume["base_fingerprint"]
+        else:
+            fingerprint = base_fingerprint(model)
+            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    elif resume:
+        model.load_state_dict(resume["model"])
+    model.to(rt.device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log(f"model_config: {json.dumps(asdict(config))}\nargs: {json.dumps(vars(args))}")
+    log(f"{'LoRA r=%d' % args.lora_r if args.lora_r else 'full fine-tuning'}: {n_trainable:,} trainable of "
+        f"{n_total:,} parameters ({n_trainable / n_total:.2%}) on {rt.device}")
+
+    # ---- data: conversations -> (ids, labels) with the prompt masked; a held-out split -----------
+    try:
+        conversations = data.read_chat_records(args.data)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    max_len = min(args.max_len or config.block_size + 1, config.block_size + 1)  # + 1: inputs and targets overlap
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    for messages in conversations:
+        ids, labels, what = data.fit_to_length(*data.render_chat(enc, messages), max_len, args.overlong)
+        counts[what] += 1
+        if ids is not None:
+            examples.append((ids, labels))
+    log(f"{len(conversations):,} examples from {args.data}: {counts['kept']:,} kept, {counts['truncated']:,} "
+        f"truncated, {counts['dropped']:,} dropped (longer than {max_len} tokens, policy '{args.overlong}')")
+    if len(examples) < 2:
+        sys.exit(f"error: {args.data}: fewer than 2 usable examples after the length policy")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = max(1, int(len(examples) * args.val_fraction))
+    val_examples = [examples[i] for i in order[:n_val]]
+    train_examples = [examples[i] for i in order[n_val:]]
+    pad = enc.eot_token
+    rows = data.pack_examples(train_examples, config.block_size, pad) if args.pack else train_examples
+    train = ExampleSampler(rows, args.batch_size, args.seed)
+    log(f"{len(train_examples):,} train / {len(val_examples):,} val examples"
+        + (f", packed into {len(rows):,} rows of {config.block_size + 1}" if args.pack else ""))
+
+    # ---- optimizer and schedule ------------------------------------------------------------------
+    optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
+    step = 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        train.load_state_dict(resume["sampler"])
+        step = resume["step"]
+        log(f"resuming from {ckpt_path} at step {step}")
+
+    def checkpoint():
+        """OUT/ckpt.pt holds the full model with LoRA merged into a copy, so it loads like any
+        checkpoint; a LoRA run also keeps A and B there (for --resume) and in OUT/adapter.pt."""
+        full = merge_lora(copy.deepcopy(model)) if args.lora_r else model
+        state = dict(model=full.state_dict(), model_config=asdict(config), tokenizer=tokenizer, args=vars(args),
+                     step=step, stage="sft", chat=True, optimizer=optimizer.state_dict(), sampler=train.state_dict(),
+                     rng=rng_state(rt.device))
+        if args.lora_r:
+            adapter = dict(lora=lora_state_dict(model), lora_config=lora_config(model), base_fingerprint=fingerprint,
+                           base=args.init_from, step=step)  # no tokenizer: it comes with the base
+            save_checkpoint(os.path.join(args.out, "adapter.pt"), **adapter)
+            state.update(lora=adapter["lora"], lora_config=adapter["lora_config"], base_fingerprint=fingerprint)
+        save_checkpoint(ckpt_path, **state)
+
+    def write_log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate():
+        """Loss per reply token on the held-out examples, and greedy answers to EVAL_PROMPTS."""
+        model.eval()
+        nats, n_tokens = 0.0, 0
+        for i in range(0, len(val_examples), args.batch_size):
+            x, y = data.pad_batch(val_examples[i:i + args.batch_size], pad)
+            with rt.autocast:
+                _, loss = model(x.to(rt.device), y.to(rt.device))
+            n = (y != -100).sum().item()
+            nats, n_tokens = nats + loss.item() * n, n_tokens + n
+        answers = []
+        for prompt in EVAL_PROMPTS:
+            ids, _ = data.render_chat(enc, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            with rt.autocast:
+                out = model.generate(torch.tensor([ids], device=rt.device), 48, temperature=0,
+                                     stop_token=enc._special_tokens["<|end|>"])
+            answers.append(data.decode(enc, [t for t in out[0, len(ids):].tolist() if t < enc.eot_token]))
+        model.train()
+        return nats / max(1, n_tokens), answers
+
+    if resume:  # restored last, so that no set-up work above draws from the restored stream
+        set_rng_state(resume["rng"], rt.device)
+
+    # ---- training loop: evaluate -> checkpoint -> step -> log ------------------------------------
+    metrics, stopped_early = {}, False
+    model.train()
+    t_last = time.perf_counter()
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="sft", dynamic_ncols=True) as bar:
+        while True:
+            last = step == args.max_steps
+            if step % args.eval_every == 0 or last:
+                val_loss, answers = evaluate()
+                metrics["val/loss"] = val_loss
+                log(f"step {step}/{args.max_steps} | val loss {val_loss:.4f} (per reply token)")
+                for prompt, answer in zip(EVAL_PROMPTS, answers):
+                    log(f"  Q: {prompt}\n  A: {answer}")
+                    with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}) + "\n")
+                write_log({"step": step, "val/loss": val_loss})
+                if step > 0:
+                    checkpoint()
+                t_last = time.perf_counter()
+            if last:
+                break
+
+            step_lr = get_lr(step, lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            loss_sum, n_tokens = 0.0, 0
+            for _ in range(args.grad_accum):
+                batch = train.next()
+                x, y = data.pad_batch(batch, pad)
+                n_tokens += sum(len(ids) - 1 for ids, _ in batch)  # real tokens, padding not counted
+                with rt.autocast:
+                    _, loss = model(x.to(rt.device), y.to(rt.device))
+                rt.scaler.scale(loss / args.grad_accum).backward()
+                loss_sum += loss.item()
+            if args.grad_clip > 0:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = loss_sum / args.grad_accum
+            if not math.isfinite(train_loss):
+                sys.exit(f"error: loss is {train_loss} at step {step}; stopping. The last good checkpoint is {ckpt_path}")
+            step += 1
+            metrics["train/loss"] = train_loss
+
+            t_now = time.perf_counter()
+            dt, t_last = t_now - t_last, t_now
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tokens / dt:,.0f}")
+            if step % args.log_every == 0 or step == 1:
+                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {step_lr:.1e} | {dt * 1000:.0f} ms"
+                    f" | {n_tokens / dt:,.0f} tok/s")
+                write_log({"step": step, "train/loss": train_loss, "lr": step_lr, "dt_ms": dt * 1000,
+                           "tok_per_s": n_tokens / dt})
+            if stop.requested or step == args.stop_at:
+                checkpoint()
+                stopped_early = True
+                break
+
+    if stopped_early:
+        log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
+        return {"step": step, **metrics}
+    if args.export_hf:
+        merged = merge_lora(copy.deepcopy(model)) if args.lora_r else model
+        merged.save_pretrained(os.path.join(args.out, "hf"))
+        log(f"Hugging Face GPT-2 export: {os.path.join(args.out, 'hf')}")
+    log(f"done: step {step}, val loss {metrics['val/loss']:.4f}\ncheckpoint: {ckpt_path}\n"
+        f"chat with it: python sample.py --init-from {args.out} --chat")
+    return {"step": step, **metrics}
+
+
+if __name__ == "__main__":
+    main()
