@@ -165,14 +165,18 @@ def main(argv=None):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     max_len = min(args.max_len or config.block_size + 1, config.block_size + 1)  # + 1: inputs and targets overlap
-    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0, "empty": 0}
     for messages in conversations:
+        if not [m for m in messages if m["role"] == "assistant"][-1]["content"].strip():
+            counts["empty"] += 1  # an empty reply would teach the model to stop at once
+            continue
         ids, labels, what = data.fit_to_length(*data.render_chat(enc, messages), max_len, args.overlong)
         counts[what] += 1
         if ids is not None:
             examples.append((ids, labels))
     log(f"{len(conversations):,} examples from {args.data}: {counts['kept']:,} kept, {counts['truncated']:,} "
-        f"truncated, {counts['dropped']:,} dropped (longer than {max_len} tokens, policy '{args.overlong}')")
+        f"truncated, {counts['dropped']:,} dropped (longer than {max_len} tokens, policy '{args.overlong}'), "
+        f"{counts['empty']:,} skipped for an empty reply")
     if len(examples) < 2:
         sys.exit(f"error: {args.data}: fewer than 2 usable examples after the length policy")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
