@@ -14,7 +14,7 @@ writes training-ready token shards that `python pretrain.py --data DIR` reads:
   6. shard      parallel tokenization into uint16/uint32 train/val shards; manifest.json last
   7. download   an optional helper for a public corpus (TinyStories): resumable, checksummed
 
-Every step streams: memory does not grow with the input, except the dedup index (under 1 KB per kept
+Every step streams: memory does not grow with the input, except the dedup index (~0.5 KB per kept
 document). Bad input (binary files, broken JSON lines, missing fields) is skipped and counted, or with
 --strict stops the run at the first one, naming file and line.
 
@@ -270,7 +270,7 @@ def iter_documents(path, field="text", separator="", on_bad=None):
                 if doc_ok and "".join(doc).strip():
                     n_docs += 1
                     yield doc_line, "".join(doc)
-                doc, doc_line, doc_ok = [part], lineno, True
+                doc, doc_line, doc_ok = [part], lineno + (separator == "blank"), True
         if not jsonl and doc_ok and "".join(doc).strip():
             n_docs += 1
             yield doc_line, "".join(doc)
@@ -488,14 +488,17 @@ class DedupIndex:
 
     Memory per kept document: 12 bytes per key (sorted numpy arrays of keys and document ids; the
     newest keys wait in a dict that is merged in when it grows, because a dict costs ~100 bytes a key)
-    plus 4 bytes per signature row: ~0.8 KB with the defaults (22 keys, 128 rows). A bucket keeps its
-    first document only, which is all a lookup needs: is there a kept document like this one?
+    plus 2 bytes per signature row: ~0.5 KB with the defaults (22 keys, 128 rows). Only the lowest 16
+    bits of each minimum are kept ("b-bit minwise hashing", Li & König 2010): equal minima stay equal,
+    and different ones agree by chance once in 65,536, which moves the Jaccard estimate by ~0.00002.
+    A bucket keeps its first document only, which is all a lookup needs: is there a kept document like
+    this one?
     """
 
     def __init__(self, threshold=0.8, num_perm=128, merge_every=1 << 18):
         self.threshold, self.merge_every = threshold, merge_every
         self.keys, self.ids, self.recent = np.empty(0, np.uint64), np.empty(0, np.int32), {}
-        self.signatures, self.n = np.empty((1024, num_perm), np.uint32), 0
+        self.signatures, self.n = np.empty((1024, num_perm), np.uint16), 0
 
     def _lookup(self, keys):
         """Ids of kept documents that have any of these keys."""
@@ -511,7 +514,7 @@ class DedupIndex:
         if key is not None and (hits := self._lookup([key])):
             return "exact", hits[0]
         for i in sorted(set(self._lookup(bands))):  # candidates: documents sharing a band
-            if signature is not None and np.mean(self.signatures[i] == signature) >= self.threshold:
+            if signature is not None and np.mean(self.signatures[i] == signature.astype(np.uint16)) >= self.threshold:
                 return "near", i
         return None, None
 
@@ -523,7 +526,7 @@ class DedupIndex:
         if signature is not None:
             if i == len(self.signatures):  # grow by half: amortized O(1), and never 2x the memory at once
                 self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures[:i // 2])])
-            self.signatures[i] = signature
+            self.signatures[i] = signature.astype(np.uint16)  # the lowest 16 bits
         if len(self.recent) >= self.merge_every:
             keys = np.concatenate([self.keys, np.fromiter(self.recent, np.uint64, len(self.recent))])
             ids = np.concatenate([self.ids, np.fromiter(self.recent.values(), np.int32, len(self.recent))])
@@ -931,36 +934,29 @@ def _peak_rss_mb(who):
 
 
 def print_report(steps, manifest=None):
-    """What each step kept and dropped, and how fast it ran (MB of input text per CPU-second)."""
-    mb = steps["ingest"]["bytes"] / 1e6
-    n_in = steps["ingest"]["docs"]
-    n_filtered = n_in - sum(steps["filter"]["dropped"].values())
+    """What each step kept and dropped, and how fast it ran: MB of input per CPU-second of that step."""
+    mb, bad, t = steps["ingest"]["bytes"] / 1e6, steps["ingest"]["bad_input"], steps["tokenize"]
+    n_read = steps["ingest"]["docs"]
+    n_filtered = n_read - sum(steps["filter"]["dropped"].values())
     n_exact = n_filtered - steps["exact_dedup"]["dropped"]
     kept = steps["dedup"]["kept"]
-    rate = lambda s: f"{mb / s:8.1f}" if s > 0 else f"{'-':>8}"  # noqa: E731
-    dropped = ", ".join(f"{k} {v:,}" for k, v in steps["filter"]["dropped"].most_common())
-    rows = [("1 ingest", steps["ingest"]["files"], n_in, steps["ingest"]["seconds"],
-             f"{steps['ingest']['bad_input']['count']:,} bad records skipped"),
-            ("2 normalize", n_in, n_in, steps["normalize"]["seconds"], ""),
-            ("3 filter", n_in, n_filtered, steps["filter"]["seconds"], dropped),
+    rows = [("1 ingest", n_read + bad["count"], n_read, steps["ingest"]["seconds"], f"{bad['count']:,} bad records skipped"),
+            ("2 normalize", n_read, n_read, steps["normalize"]["seconds"], ""),
+            ("3 filter", n_read, n_filtered, steps["filter"]["seconds"],
+             ", ".join(f"{k} {v:,}" for k, v in steps["filter"]["dropped"].most_common())),
             ("4 exact dedup", n_filtered, n_exact, 0, ""),
-            ("4 near dedup", n_exact, kept, steps["dedup"]["seconds"], "(MB/s: both dedup steps)"),
-            ("5 tokenizer", "", "", steps["tokenizer"]["seconds"], steps["tokenizer"].get("name", ""))]
+            ("4 near dedup", n_exact, kept, steps["dedup"]["seconds"], "MB/s of exact and near dedup together"),
+            ("5 tokenizer", kept, kept, steps["tokenizer"]["seconds"], steps["tokenizer"].get("name", "")),
+            ("6 tokenize", kept, kept, t["seconds"], f"train {t['docs']['train']:,} docs, {t['tokens']['train']:,} tokens; "
+             f"val {t['docs']['val']:,} docs, {t['tokens']['val']:,} tokens")]
+    lines = [f"{'step':14} {'docs in':>10} {'kept':>10} {'MB/s':>8}  notes"]
+    for name, n_in, n_out, seconds, note in rows[:7 if manifest else 5]:
+        lines.append(f"{name:14} {n_in:>10,} {n_out:>10,} {f'{mb / seconds:.1f}' if seconds else '-':>8}  {note}")
+    lines += [f"bad input: {message}" for message in bad["examples"]]
     if manifest:
-        t = steps["tokenize"]
-        rows.append(("6 tokenize", kept, kept, t["seconds"], f"train {t['docs']['train']:,} docs / {t['tokens']['train']:,} "
-                     f"tokens, val {t['docs']['val']:,} docs / {t['tokens']['val']:,} tokens"))
-    lines = [f"{'step':14} {'in':>10} {'kept':>10} {'MB/s':>8}  notes"]
-    for name, n_before, n_after, seconds, note in rows:
-        fmt = lambda n: f"{n:>10,}" if isinstance(n, int) else f"{n:>10}"  # noqa: E731
-        lines.append(f"{name:14} {fmt(n_before)} {fmt(n_after)} {rate(seconds)}  {note}")
-    lines.append(f"(ingest counts files in, documents out; MB/s: {mb:,.1f} MB of input over each step's CPU seconds)")
-    for message in steps["ingest"]["bad_input"]["examples"]:
-        lines.append(f"bad input: {message}")
-    if manifest:
-        lines.append(f"{manifest['seconds']:.1f} s in all ({mb / manifest['seconds']:.2f} MB/s); peak memory "
-                     f"{manifest['peak_rss_mb']['main']:.0f} MB (main), {manifest['peak_rss_mb']['largest_worker']:.0f} MB "
-                     f"(largest worker); train with: python pretrain.py --data {manifest['settings']['out']}")
+        lines.append(f"{mb:,.1f} MB in {manifest['seconds']:.1f} s ({mb / manifest['seconds']:.2f} MB/s); peak memory "
+                     f"{manifest['peak_rss_mb']['main']:.0f} MB (main process), {manifest['peak_rss_mb']['largest_worker']:.0f} "
+                     f"MB (largest worker)\ntrain on it: python pretrain.py --data {manifest['settings']['out']}")
     tqdm.write("\n".join(lines))
 
 
