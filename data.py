@@ -308,6 +308,7 @@ _DELETE = [*range(0x00, 0x09), *range(0x0e, 0x20), *range(0x7f, 0x85), *range(0x
            0xad, 0x200b, 0x2060, 0xfeff]
 _NORMALIZE_TABLE = {**{c: None for c in _DELETE}, **{ord(c): "\n" for c in "\r\x0b\x0c\x85\u2028\u2029"},
                     **{c: " " for c in [0xa0, 0x1680, *range(0x2000, 0x200b), 0x202f, 0x205f, 0x3000]}}
+_NEEDS_TABLE = re.compile("[" + "".join(map(chr, _NORMALIZE_TABLE)) + "]").search  # translate is slow on non-ASCII text
 
 
 def normalize(text, form="NFC"):
@@ -320,10 +321,14 @@ def normalize(text, form="NFC"):
     3. Whitespace: trailing spaces on each line go, runs of blank lines shrink to one, and the ends of
        the document are stripped. Indentation and single spaces inside lines are kept.
     """
-    text = text.replace("\r\n", "\n").translate(_NORMALIZE_TABLE)
+    text = text.replace("\r\n", "\n")
+    if _NEEDS_TABLE(text):
+        text = text.translate(_NORMALIZE_TABLE)
     text = unicodedata.normalize(form, text)
     text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    if "\n\n\n" in text:
+        text = re.sub(r"\n\n\n+", "\n\n", text)
+    return text.strip()
 
 
 # -----------------------------------------------------------------------------
@@ -378,12 +383,10 @@ def repeated_ngram_fraction(words, n=5):
     return lengths[covered].sum() / lengths.sum()
 
 
-FILTER_DEFAULTS = dict(min_words=50, max_words=100_000, min_mean_word_length=3.0, max_mean_word_length=10.0,
-                       min_alpha_words=0.8, max_repeated_lines=0.2, max_repeated_ngrams=0.15)
 _HAS_LETTER = re.compile(r"[^\W\d_]").search  # a Unicode letter: a word character that is no digit or "_"
 
 
-def quality_filter(text, min_words=50, max_words=100_000, min_mean_word_length=3.0, max_mean_word_length=10.0,
+def quality_filter(text, *, min_words=50, max_words=100_000, min_mean_word_length=3.0, max_mean_word_length=10.0,
                    min_alpha_words=0.8, max_repeated_lines=0.2, max_repeated_ngrams=0.15):
     """The name of the first rule the document fails, or None if it passes. Words are split on whitespace.
 
@@ -415,6 +418,9 @@ def quality_filter(text, min_words=50, max_words=100_000, min_mean_word_length=3
     if repeated_ngram_fraction(words, 5) > max_repeated_ngrams:
         return "repeated_ngrams"
     return None
+
+
+FILTER_DEFAULTS = quality_filter.__kwdefaults__  # the thresholds, by name: prepare's flags
 
 
 # -----------------------------------------------------------------------------
@@ -1114,13 +1120,13 @@ def get_args(argv=None):
     q.add_argument("--nfkc", action="store_true", help="NFKC instead of NFC: also fold full-width forms, ligatures, x² -> x2")
     # 3. filter (Gopher's thresholds; see quality_filter)
     q.add_argument("--no-filter", action="store_true", help="skip step 3")
-    q.add_argument("--min-words", type=int, default=50, help="drop documents with fewer words")
-    q.add_argument("--max-words", type=int, default=100_000, help="drop documents with more words (0 = no limit)")
-    q.add_argument("--min-mean-word-length", type=float, default=3.0, help="characters")
-    q.add_argument("--max-mean-word-length", type=float, default=10.0, help="characters")
-    q.add_argument("--min-alpha-words", type=float, default=0.8, help="share of words that must hold a letter")
-    q.add_argument("--max-repeated-lines", type=float, default=0.2, help="share of characters in repeated lines (1 = off)")
-    q.add_argument("--max-repeated-ngrams", type=float, default=0.15, help="share of characters in repeated word 5-grams (1 = off)")
+    q.add_argument("--min-words", type=int, default=FILTER_DEFAULTS["min_words"], help="drop documents with fewer words")
+    q.add_argument("--max-words", type=int, default=FILTER_DEFAULTS["max_words"], help="drop documents with more words (0 = no limit)")
+    q.add_argument("--min-mean-word-length", type=float, default=FILTER_DEFAULTS["min_mean_word_length"], help="characters")
+    q.add_argument("--max-mean-word-length", type=float, default=FILTER_DEFAULTS["max_mean_word_length"], help="characters")
+    q.add_argument("--min-alpha-words", type=float, default=FILTER_DEFAULTS["min_alpha_words"], help="share of words that must hold a letter")
+    q.add_argument("--max-repeated-lines", type=float, default=FILTER_DEFAULTS["max_repeated_lines"], help="share of characters in repeated lines (1 = off)")
+    q.add_argument("--max-repeated-ngrams", type=float, default=FILTER_DEFAULTS["max_repeated_ngrams"], help="share of characters in repeated word 5-grams (1 = off)")
     # 4. dedup
     q.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
     q.add_argument("--no-near-dedup", action="store_true", help="keep near-duplicates")
