@@ -411,7 +411,7 @@ def quality_filter(text, *, min_words=50, max_words=100_000, min_mean_word_lengt
     mean_length = sum(map(len, words)) / len(words)
     if not min_mean_word_length <= mean_length <= max_mean_word_length:
         return "word_length"
-    if sum(1 for w in words if _HAS_LETTER(w)) < min_alpha_words * len(words):
+    if sum(1 for w in words if w.isalpha() or _HAS_LETTER(w)) < min_alpha_words * len(words):  # isalpha: fast path
         return "not_alphabetic"
     if repeated_line_fraction(text) > max_repeated_lines:
         return "repeated_lines"
@@ -457,11 +457,12 @@ def minhash_signature(text, num_perm=128, shingle=5):
         return None
     shingles = word_ngram_hashes(words, shingle)       # (S,)
     a, c = _minhash_params(num_perm)
-    signature = np.full(num_perm, 2 ** 32 - 1, np.uint64)
+    signature = np.full(num_perm, 2 ** 64 - 1, np.uint64)
     for i in range(0, len(shingles), 1024):            # blocks of shingles bound the (S, P) temporary
-        x = shingles[i:i + 1024, None]                 # (S, 1)
-        signature = np.minimum(signature, ((a * x + c) >> np.uint64(32)).min(axis=0))  # (S, P) -> (P,)
-    return signature.astype(np.uint32)
+        h = shingles[i:i + 1024, None] * a             # (S, 1) * (P,) -> (S, P)
+        h += c
+        np.minimum(signature, h.min(axis=0), out=signature)  # (S, P) -> (P,)
+    return (signature >> np.uint64(32)).astype(np.uint32)  # the shift after the min: it keeps the order
 
 
 @lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ and whether a small trained vocabulary beats GPT-2's for a tiny model trained fo
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -169,6 +170,12 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def quiet(fn, argv):
+    """fn(argv) with its printing and progress bars sent to /dev/null."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        return fn(argv)
+
+
 def bench_bpb(args, tmp, tok_path):
     shape = ["--n-layer", "2", "--n-embd", "64", "--block-size", "64"] if args.quick else []
     prepared = {}
@@ -176,21 +183,21 @@ def bench_bpb(args, tmp, tok_path):
         prepared[name] = os.path.join(tmp, f"shakespeare_{name}")
         # speeches (blank-line separated) as documents, so that validation is every 10th speech; no
         # filtering or dedup: the comparison is about the tokenizer, on the whole text
-        data.main(["prepare", SHAKESPEARE, "--separator", "blank", "--no-filter", "--no-exact-dedup", "--no-near-dedup",
+        quiet(data.main, ["prepare", SHAKESPEARE, "--separator", "blank", "--no-filter", "--no-exact-dedup", "--no-near-dedup",
                    "--tokenizer", tokenizer, "--out", prepared[name], "--workers", "1"])
     results = []
     for name, path in prepared.items():
         common = ["--data", path, "--device", "cpu", *shape]
         # 1. this vocabulary's step time: 12 steps, median of the last 8
-        pretrain.main(common + ["--out", os.path.join(tmp, f"cal_{name}"), "--max-steps", "12", "--log-every", "1",
-                                "--eval-every", "1000", "--eval-batches", "1"])
+        quiet(pretrain.main, common + ["--out", os.path.join(tmp, f"cal_{name}"), "--max-steps", "12", "--log-every", "1",
+                                       "--eval-every", "1000", "--eval-batches", "1"])
         step_s = statistics.median([r["dt_ms"] for r in read_log(os.path.join(tmp, f"cal_{name}")) if "dt_ms" in r][-8:]) / 1000
         # 2. as many steps as fit in the budget, evaluating only at the end
         steps = max(10, int(args.minutes * 60 / step_s))
         out = os.path.join(tmp, f"run_{name}")
         t0 = time.perf_counter()
-        m = pretrain.main(common + ["--out", out, "--max-steps", str(steps), "--eval-every", str(steps),
-                                    "--log-every", str(max(1, steps // 10))])
+        m = quiet(pretrain.main, common + ["--out", out, "--max-steps", str(steps), "--eval-every", str(steps),
+                                           "--log-every", str(max(1, steps // 10))])
         params = sum(p.numel() for p in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"].values()) / 1e6
         results.append((name, params, steps, step_s * 1000, time.perf_counter() - t0, m["val/loss"], m["val/bpb"]))
     print(f"\n{'tokenizer':10} {'params M':>8} {'steps':>6} {'ms/step':>8} {'wall s':>7} {'val loss':>9} {'val bpb':>8}")
@@ -209,6 +216,8 @@ def main():
     p.add_argument("--minutes", type=float, default=3.0, help="training wall time per tokenizer in the bpb comparison")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     args = p.parse_args()
+    if args.quick:
+        args.minutes = min(args.minutes, 0.1)
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("all", "pipeline"):
