@@ -534,11 +534,13 @@ class DedupIndex:
             if i == len(self.signatures):  # grow by half: amortized O(1), and never 2x the memory at once
                 self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures[:i // 2])])
             self.signatures[i] = signature.astype(np.uint16)  # the lowest 16 bits
-        if len(self.recent) >= self.merge_every:
-            keys = np.concatenate([self.keys, np.fromiter(self.recent, np.uint64, len(self.recent))])
-            ids = np.concatenate([self.ids, np.fromiter(self.recent.values(), np.int32, len(self.recent))])
-            order = np.argsort(keys, kind="stable")  # two sorted runs: timsort merges them in O(n)
-            self.keys, self.ids, self.recent = keys[order], ids[order], {}
+        if len(self.recent) >= self.merge_every:  # insert the recent keys at their sorted places: O(n)
+            keys = np.fromiter(self.recent, np.uint64, len(self.recent))
+            order = np.argsort(keys)
+            pos = np.searchsorted(self.keys, keys[order])
+            self.keys = np.insert(self.keys, pos, keys[order])
+            self.ids = np.insert(self.ids, pos, np.fromiter(self.recent.values(), np.int32, len(self.recent))[order])
+            self.recent = {}
         return i
 
 
@@ -681,6 +683,8 @@ def train_bpe(texts, vocab_size, progress=True):
 # most 2 chunks per worker are in flight, so memory stays flat however large the input.
 
 CHUNK_BYTES = 1 << 20
+# Steps are timed in CPU seconds (time.process_time): with the main process and the workers sharing the
+# cores, wall time inside a worker would also count the time it waits for a core.
 _WORKER = {}  # what each worker process needs: settings, and the tokenizer built once per process
 
 
@@ -726,14 +730,14 @@ def _clean_chunk(docs):
     Returns ([(source, text, reason dropped or None, exact key, signature, band keys)], seconds per step)."""
     out, seconds = [], Counter()
     for source, text in docs:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         if _WORKER["normalize"]:
             text = normalize(text, _WORKER["normalize"])
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         reason = quality_filter(text, **_WORKER["filter"]) if _WORKER["filter"] else None if text.strip() else "empty"
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         features = dedup_features(text, **_WORKER["dedup"]) if reason is None else (None, None, [])
-        seconds.update(normalize=t1 - t0, filter=t2 - t1, dedup=time.perf_counter() - t2)
+        seconds.update(normalize=t1 - t0, filter=t2 - t1, dedup=time.process_time() - t2)
         out.append((source, text, reason, *features))
     return out, seconds
 
@@ -748,7 +752,7 @@ def _tokenize_chunk(job):
     """Worker, step 6: ids of the clean.jsonl lines [first, first + len(lines)), each document followed by
     <|endoftext|>, split by document into train and val. Returns ({split: ids}, {split: docs}, seconds)."""
     first, lines = job
-    t0, enc = time.perf_counter(), _WORKER["enc"]
+    t0, enc = time.process_time(), _WORKER["enc"]
     ids, docs = {"train": [], "val": []}, Counter()
     for i, line in enumerate(lines, first):
         split = "val" if is_val_doc(i, _WORKER["val_fraction"]) else "train"
@@ -756,7 +760,7 @@ def _tokenize_chunk(job):
         ids[split].append(enc.eot_token)
         docs[split] += 1
     arrays = {split: np.array(x, dtype=_WORKER["dtype"]) for split, x in ids.items()}
-    return arrays, docs, time.perf_counter() - t0
+    return arrays, docs, time.process_time() - t0
 
 
 class ShardWriter:
@@ -806,15 +810,15 @@ def _clean(args, files, clean_path, steps):
         tqdm.write(f"skipped: {message}")
 
     def documents(bar):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for path in files:
             for line, text in iter_documents(path, args.field, args.separator, None if args.strict else on_bad):
                 steps["ingest"]["docs"] += 1
                 bar.update(len(text))
-                steps["ingest"]["seconds"] += time.perf_counter() - t0
+                steps["ingest"]["seconds"] += time.process_time() - t0
                 yield f"{path}:{line}", text
-                t0 = time.perf_counter()
-        steps["ingest"]["seconds"] += time.perf_counter() - t0
+                t0 = time.process_time()
+        steps["ingest"]["seconds"] += time.process_time() - t0
 
     state = {"normalize": None if args.no_normalize else "NFKC" if args.nfkc else "NFC",
              "filter": None if args.no_filter else {k: getattr(args, k) for k in FILTER_DEFAULTS},
@@ -829,7 +833,7 @@ def _clean(args, files, clean_path, steps):
                                                   args.workers, state):
                 for step, s in seconds.items():
                     steps[step]["seconds"] += s
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 for source, text, reason, key, signature, bands in results:
                     if reason:
                         steps["filter"]["dropped"][reason] += 1
@@ -841,7 +845,7 @@ def _clean(args, files, clean_path, steps):
                     index.add(key, signature, bands)
                     f.write((json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n").encode())
                     steps["dedup"]["kept"] += 1
-                steps["dedup"]["seconds"] += time.perf_counter() - t0
+                steps["dedup"]["seconds"] += time.process_time() - t0
 
     atomic_write(clean_path, write_kept)
 

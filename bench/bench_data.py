@@ -113,18 +113,20 @@ def bench_pipeline(args, tmp):
         m = data.read_manifest(out)
         s, mb = m["steps"], m["steps"]["ingest"]["bytes"] / 1e6
         per_step = {name: mb / s[name]["seconds"] for name in ("ingest", "normalize", "filter", "dedup", "tokenize")}
-        rows.append((mb, wall, mb / wall, per_step, m["peak_rss_mb"], s["ingest"]["docs"], s["dedup"]["kept"],
+        dropped = (sum(s["filter"]["dropped"].values()), s["exact_dedup"]["dropped"], s["near_dedup"]["dropped"])
+        rows.append((mb, wall, mb / wall, per_step, m["peak_rss_mb"], s["ingest"]["docs"], dropped, s["dedup"]["kept"],
                      sum(x["tokens"] for x in m["splits"].values())))
         for name in ("train", "val"):  # the shards alone can be large
             for shard in m["splits"][name]["shards"]:
                 os.remove(os.path.join(out, shard["file"]))
         os.remove(os.path.join(out, "clean.jsonl"))
-    print(f"\n{'input MB':>9} {'wall s':>7} {'MB/s':>6} | MB/s per core: {'ingest':>7} {'normalize':>9} {'filter':>7} "
-          f"{'dedup':>6} {'tokenize':>8} | peak MB: {'main':>5} {'worker':>6} | {'docs in':>9} {'kept':>9} {'tokens':>12}")
-    for mb, wall, rate, step, rss, n_in, kept, tokens in rows:
+    print(f"\n{'input MB':>9} {'wall s':>7} {'MB/s':>6} | MB/s per CPU-second: {'ingest':>7} {'normalize':>9} {'filter':>7} "
+          f"{'dedup':>6} {'tokenize':>8} | peak MB: {'main':>5} {'worker':>6} | {'docs in':>9} "
+          f"{'filtered/exact/near':>22} {'kept':>9} {'tokens':>12}")
+    for mb, wall, rate, step, rss, n_in, dropped, kept, tokens in rows:
         print(f"{mb:9,.0f} {wall:7.1f} {rate:6.2f} | {'':14}{step['ingest']:7.1f} {step['normalize']:9.1f} "
               f"{step['filter']:7.1f} {step['dedup']:6.1f} {step['tokenize']:8.1f} | {'':9}{rss['main']:5.0f} "
-              f"{rss['largest_worker']:6.0f} | {n_in:9,} {kept:9,} {tokens:12,}")
+              f"{rss['largest_worker']:6.0f} | {n_in:9,} {'/'.join(f'{n:,}' for n in dropped):>22} {kept:9,} {tokens:12,}")
     print(f"command per size: python data.py prepare FILES --out DIR --workers {args.workers}")
 
 
