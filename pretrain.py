@@ -6,8 +6,10 @@ predicts x_{t+1}; the loss is the mean over positions of −log p(x_{t+1} | x_1.
 adjusts the parameters to make it smaller (Radford et al. 2019, Eq. 1: maximise Σ log p(x_t | x_<t)).
 The loss itself is model.cross_entropy, called from GPT.forward.
 
-Reads:  --data (.txt / .jsonl / directory; default: the bundled Tiny Shakespeare), or --init-from
-        a checkpoint or Hugging Face GPT-2 directory to continue pretraining from.
+Reads:  --data: a directory written by `python data.py prepare` (cleaned, deduplicated, tokenized
+        shards, maybe with its own trained tokenizer), or raw .txt / .jsonl / a directory of them
+        (default: the bundled Tiny Shakespeare); --init-from a checkpoint or Hugging Face GPT-2
+        directory to continue pretraining from.
 Writes: OUT/ckpt.pt (model, config, tokenizer, optimizer, step, RNG and data state),
         OUT/log.jsonl (one JSON line per log step and evaluation), OUT/tokens/ (token cache).
 
@@ -43,11 +45,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # I/O
     p.add_argument("--data", default=os.path.join(data.DATA_DIR, "tinyshakespeare.txt"),
-                   help=".txt file, .jsonl file (field 'text') or a directory of them")
+                   help="a `data.py prepare` output directory, or a .txt file, .jsonl file (field 'text') or a directory of them")
     p.add_argument("--out", default="out/pretrain", help="output directory for ckpt.pt, log.jsonl and the token cache")
     p.add_argument("--init-from", default="", help="checkpoint or Hugging Face GPT-2 directory to start from ('' = random init)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the token stream held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the token stream held out for validation (raw text only)")
     # model (ignored with --init-from or --resume: the checkpoint's config is used)
     p.add_argument("--family", default="modern", choices=list(FAMILIES), help="gpt2: learned positions, LayerNorm, GELU; modern: RoPE, RMSNorm, SwiGLU")
     p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
@@ -101,10 +103,11 @@ def main(argv=None):
         model, src = load_model(args.init_from)
         tokenizer = src["tokenizer"]
     else:
+        tokenizer = data.dataset_tokenizer(args.data)  # a prepared dataset's own tokenizer, else GPT-2's
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
-                           block_size=args.block_size, dropout=args.dropout, **FAMILIES[args.family])
+                           block_size=args.block_size, dropout=args.dropout, vocab_size=data.model_vocab_size(tokenizer),
+                           **FAMILIES[args.family])
         model = GPT(config)
-        tokenizer = data.gpt2_tokenizer()
     config = model.config
     model.to(rt.device)
     log(f"model_config: {json.dumps(asdict(config))}")
@@ -112,15 +115,18 @@ def main(argv=None):
     log(f"{model.num_params() / 1e6:.2f}M parameters on {rt.device} in {str(rt.dtype).removeprefix('torch.')}"
         + (f", {rt.world_size} processes" if rt.ddp else ""))
 
-    # ---- data: tokenize once (rank 0), then every rank maps the cache -------------------------
+    # ---- data: a prepared directory's shards, or raw text tokenized once (rank 0) into a cache --
     enc = data.get_encoding(tokenizer)
     cache_dir = os.path.join(args.out, "tokens")
     try:
-        if rt.master:
-            data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
-        if rt.ddp:
-            dist.barrier()
-        train_tokens, val_tokens = data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
+        if data.is_prepared(args.data):  # written by `python data.py prepare`; its tokenizer must be the model's
+            train_tokens, val_tokens = data.load_prepared(args.data, tokenizer)
+        else:
+            if rt.master:
+                data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
+            if rt.ddp:
+                dist.barrier()
+            train_tokens, val_tokens = data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
         train = data.BatchSampler(train_tokens, config.block_size, args.batch_size, args.seed, rt.device)
         val = data.BatchSampler(val_tokens, config.block_size, args.batch_size, args.seed, rt.device)
     except data.DataError as e:
