@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_config, lora_state_dict, merge_lora
-from model import GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, rng_state, \
+from model import IGNORE_INDEX, GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, rng_state, \
     save_checkpoint, set_rng_state, setup_runtime
 
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
@@ -126,9 +126,9 @@ def main(argv=None):
     log = tqdm.write
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    resume = load_checkpoint(ckpt_path) if args.resume else None
-    if args.resume and resume is None:
+    if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
 
     # ---- model: the base, room for the chat tokens, then LoRA if asked ----------------------------
     try:
@@ -225,7 +225,7 @@ def main(argv=None):
             x, y = data.pad_batch(val_examples[i:i + args.batch_size], pad)
             with rt.autocast:
                 _, loss = model(x.to(rt.device), y.to(rt.device))
-            n = (y != -100).sum().item()
+            n = (y != IGNORE_INDEX).sum().item()
             nats, n_tokens = nats + loss.item() * n, n_tokens + n
         answers = []
         for prompt in EVAL_PROMPTS:
