@@ -69,6 +69,15 @@ def stream_reply(model, enc, ids, args, temperature, stop):
 
 def main(argv=None):
     args = get_args(argv)
+    prompt = args.prompt
+    if args.prompt_file:  # read before the model loads, so a wrong path fails at once
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}")
+    elif prompt == "-" and not args.chat:
+        prompt = sys.stdin.read()
     rt = setup_runtime(args.device, args.dtype, args.seed)
     try:
         model, ckpt = load_model(args.init_from)
@@ -99,11 +108,6 @@ def main(argv=None):
             messages.append({"role": "assistant", "content": replies[-1]})
         return replies
 
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    else:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if is_chat:  # one user turn; the reply ends at <|end|>
         ids, _ = data.render_chat(enc, system + [{"role": "user", "content": prompt}], add_generation_prompt=True)
         stop = enc._special_tokens["<|end|>"]

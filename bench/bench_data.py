@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import pretrain  # noqa: E402
+from model import load_model  # noqa: E402
 
 SHAKESPEARE = os.path.join(data.DATA_DIR, "tinyshakespeare.txt")
 
@@ -200,7 +201,7 @@ def bench_bpb(args, tmp, tok_path):
         t0 = time.perf_counter()
         m = quiet(pretrain.main, common + ["--out", out, "--max-steps", str(steps), "--eval-every", str(steps),
                                            "--log-every", str(max(1, steps // 10))])
-        params = sum(p.numel() for p in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"].values()) / 1e6
+        params = load_model(out)[0].num_params() / 1e6  # the tied embedding counted once
         results.append((name, params, steps, step_s * 1000, time.perf_counter() - t0, m["val/loss"], m["val/bpb"]))
     print(f"\n{'tokenizer':10} {'params M':>8} {'steps':>6} {'ms/step':>8} {'wall s':>7} {'val loss':>9} {'val bpb':>8}")
     for name, params, steps, ms, wall, loss, bpb in results:

@@ -122,6 +122,9 @@ def test_bad_data_gives_one_line_error(tmp_path):
     missing = run_script("sample.py", "--init-from", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "neither a checkpoint" in missing.stderr
+    no_prompt = run_script("sample.py", "--prompt-file", str(tmp_path / "absent.txt"))
+    assert no_prompt.returncode == 1 and "Traceback" not in no_prompt.stderr
+    assert no_prompt.stderr.strip() == f"error: --prompt-file {tmp_path / 'absent.txt'}: No such file or directory"
 
 
 def test_help_lists_flags_with_defaults():
