@@ -207,7 +207,7 @@ def main(argv=None):
                      rng=rng_state(rt.device))
         if args.lora_r:
             adapter = dict(lora=lora_state_dict(model), lora_config=lora_config(model), base_fingerprint=fingerprint,
-                           base=args.init_from, step=step)  # no tokenizer: it comes with the base
+                           base=args.init_from, vocab_size=config.vocab_size, chat=True, step=step)  # tokenizer: the base's
             save_checkpoint(os.path.join(args.out, "adapter.pt"), **adapter)
             state.update(lora=adapter["lora"], lora_config=adapter["lora_config"], base_fingerprint=fingerprint)
         save_checkpoint(ckpt_path, **state)

@@ -253,6 +253,15 @@ def test_sft_lora_trains_only_adapters_and_writes_small_adapter(base_model, sft_
     torch.testing.assert_close(weights["tok_emb.weight"], base["tok_emb.weight"], rtol=0, atol=0)  # frozen
     assert os.path.getsize(out / "ckpt.pt") > 20 * os.path.getsize(out / "adapter.pt")
     assert losses_fell(out)
+    # the adapter file alone, put back onto its base, is the same model as the merged checkpoint
+    from_adapter, info = model.load_model(str(out / "adapter.pt"))
+    assert info["chat"] is True and info["step"] == 6
+    for name, tensor in from_adapter.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=1e-7)
+    answer = sample.main(["--init-from", str(out / "adapter.pt"), "--prompt", "Hi", "--greedy", "--max-new-tokens", "4",
+                          "--device", "cpu"])
+    assert answer == sample.main(["--init-from", str(out), "--prompt", "Hi", "--greedy", "--max-new-tokens", "4",
+                                  "--device", "cpu"])
 
 
 def test_sft_lora_resume_is_exact(base_model, sft_file, tmp_path):
