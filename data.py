@@ -15,8 +15,9 @@ writes training-ready token shards that `python pretrain.py --data DIR` reads:
   7. download   an optional helper for a public corpus (TinyStories): resumable, checksummed
 
 Every step streams: memory does not grow with the input, except the dedup index (~0.5 KB per kept
-document, 0.8 KB at peak while it grows: 424 MB in all for 1 GB of input, bench/bench_data.py). Bad input (binary files, broken JSON lines, missing fields) is skipped and counted, or with
---strict stops the run at the first one, naming file and line.
+document, 0.8 KB at peak while it grows: 424 MB in all for 1 GB of input, bench/bench_data.py). Bad
+input (binary files, broken JSON lines, missing fields) is skipped and counted, or with --strict stops
+the run at the first one, naming file and line.
 
   python data.py prepare data/tinystories_valid_head.txt --separator blank --min-words 20 --out out/data/stories
   python data.py prepare corpus/ 'more/*.jsonl' --tokenizer train --vocab-size 4096 --out out/data/mine
