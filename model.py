@@ -525,7 +525,7 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(init_from, map_location="cpu"):
     """Model and checkpoint dict from this project's checkpoint (file or directory with ckpt.pt), a LoRA
     adapter file (OUT/adapter.pt: its base is loaded and the adapter merged in), or a Hugging Face GPT-2
-    directory. For GPT-2 the dict holds the bundled GPT-2 tokenizer."""
+    directory. The tokenizer of any of them: data.checkpoint_tokenizer(ckpt)."""
     path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, map_location)
@@ -540,9 +540,8 @@ def load_model(init_from, map_location="cpu"):
         model.load_state_dict(ckpt["model"])
         return model, ckpt
     if os.path.isfile(os.path.join(init_from, "config.json")):
-        import data  # the tokenizer description lives in data.py
-        model = GPT.from_pretrained(init_from)
-        return model, {"model_config": asdict(model.config), "tokenizer": data.gpt2_tokenizer(), "step": 0}
+        model = GPT.from_pretrained(init_from)  # no "tokenizer": data.checkpoint_tokenizer gives GPT-2's
+        return model, {"model_config": asdict(model.config), "step": 0}
     raise FileNotFoundError(f"{init_from}: neither a checkpoint (ckpt.pt) nor a Hugging Face directory (config.json)")
 
 

@@ -6,7 +6,7 @@ predicts x_{t+1}; the loss is the mean over positions of −log p(x_{t+1} | x_1.
 adjusts the parameters to make it smaller (Radford et al. 2019, Eq. 1: maximise Σ log p(x_t | x_<t)).
 The loss itself is model.cross_entropy, called from GPT.forward.
 
-Reads:  --data: a directory written by `python data.py prepare` (cleaned, deduplicated, tokenized
+Reads:  --data: a directory written by `python prepare.py prepare` (cleaned, deduplicated, tokenized
         shards, maybe with its own trained tokenizer), or raw .txt / .jsonl / a directory of them
         (default: the bundled Tiny Shakespeare); --init-from a checkpoint or Hugging Face GPT-2
         directory to continue pretraining from.
@@ -45,7 +45,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # I/O
     p.add_argument("--data", default=os.path.join(data.DATA_DIR, "tinyshakespeare.txt"),
-                   help="a `data.py prepare` output directory, or a .txt file, .jsonl file (field 'text') or a directory of them")
+                   help="a `prepare.py prepare` output directory, or a .txt file, .jsonl file (field 'text') or a directory of them")
     p.add_argument("--out", default="out/pretrain", help="output directory for ckpt.pt, log.jsonl and the token cache")
     p.add_argument("--init-from", default="", help="checkpoint or Hugging Face GPT-2 directory to start from ('' = random init)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt exactly where it stopped")
@@ -101,7 +101,7 @@ def main(argv=None):
         tokenizer = ckpt["tokenizer"]
     elif args.init_from:
         model, src = load_model(args.init_from)
-        tokenizer = src["tokenizer"]
+        tokenizer = data.checkpoint_tokenizer(src)
     else:
         tokenizer = data.dataset_tokenizer(args.data)  # a prepared dataset's own tokenizer, else GPT-2's
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
@@ -119,7 +119,7 @@ def main(argv=None):
     enc = data.get_encoding(tokenizer)
     cache_dir = os.path.join(args.out, "tokens")
     try:
-        if data.is_prepared(args.data):  # written by `python data.py prepare`; its tokenizer must be the model's
+        if data.is_prepared(args.data):  # written by `python prepare.py prepare`; its tokenizer must be the model's
             train_tokens, val_tokens = data.load_prepared(args.data, tokenizer)
         else:
             if rt.master:

@@ -84,7 +84,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(rt.device).eval()
-    enc = data.get_encoding(ckpt["tokenizer"])
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
     is_chat = ckpt.get("chat", False)
     temperature = 0.0 if args.greedy else args.temperature
     if args.chat and not is_chat:

@@ -135,7 +135,7 @@ def main(argv=None):
         model, src = load_model(resume["args"]["init_from"] if resume else args.init_from)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --init-from: {e}")
-    tokenizer = src["tokenizer"]
+    tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
     if any(t not in enc._special_tokens for t in data.CHAT_TOKENS):
         sys.exit(f"error: the tokenizer of {args.init_from} has no chat tokens {data.CHAT_TOKENS}")

@@ -2,7 +2,7 @@
 The data stage's figures: prepare's throughput and memory, BPE training time, tiktoken encoding speed,
 and whether a small trained vocabulary beats GPT-2's for a tiny model trained for the same wall time.
 
-1. pipeline   `python data.py prepare` on a synthetic corpus that this script writes (pseudo-words with
+1. pipeline   `python prepare.py prepare` on a synthetic corpus that this script writes (pseudo-words with
               Zipf frequencies; 4% exact copies, 4% near-copies, 3% junk for the filters), at two
               sizes: MB/s of the whole run (wall clock) and of each step (per CPU core), peak memory
               of the main process and of the largest worker. Flat memory: the bigger run may only
@@ -38,6 +38,7 @@ import tiktoken  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import prepare  # noqa: E402
 import pretrain  # noqa: E402
 from model import load_model  # noqa: E402
 
@@ -106,7 +107,7 @@ def bench_pipeline(args, tmp):
     for size in sizes:
         inputs = files[:max(1, round(len(files) * size / max(sizes)))]
         out = os.path.join(tmp, f"prepared_{size}")
-        command = [sys.executable, os.path.join(ROOT, "data.py"), "prepare", *inputs, "--out", out,
+        command = [sys.executable, os.path.join(ROOT, "prepare.py"), "prepare", *inputs, "--out", out,
                    "--workers", str(args.workers)]
         t0 = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,7 +129,7 @@ def bench_pipeline(args, tmp):
         print(f"{mb:9,.0f} {wall:7.1f} {rate:6.2f} | {'':14}{step['ingest']:7.1f} {step['normalize']:9.1f} "
               f"{step['filter']:7.1f} {step['dedup']:6.1f} {step['tokenize']:8.1f} | {'':9}{rss['main']:5.0f} "
               f"{rss['largest_worker']:6.0f} | {n_in:9,} {'/'.join(f'{n:,}' for n in dropped):>22} {kept:9,} {tokens:12,}")
-    print(f"command per size: python data.py prepare FILES --out DIR --workers {args.workers}")
+    print(f"command per size: python prepare.py prepare FILES --out DIR --workers {args.workers}")
 
 
 # -----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def bench_tokenizer(args, tmp):
         text = f.read(100_000 if args.quick else None)
     vocab_size = 1024 if args.quick else 4096
     t0 = time.perf_counter()
-    tok = data.train_bpe([text], vocab_size, progress=False)
+    tok = prepare.train_bpe([text], vocab_size, progress=False)
     train_s = time.perf_counter() - t0
     data.save_tokenizer(tok, os.path.join(tmp, "bpe.json"))
     print(f"\ntrain_bpe: {vocab_size:,} ids on {len(text.encode()) / 1e6:.2f} MB in {train_s:.1f} s")
@@ -186,7 +187,7 @@ def bench_bpb(args, tmp, tok_path):
         prepared[name] = os.path.join(tmp, f"shakespeare_{name}")
         # speeches (blank-line separated) as documents, so that validation is every 10th speech; no
         # filtering or dedup: the comparison is about the tokenizer, on the whole text
-        quiet(data.main, ["prepare", SHAKESPEARE, "--separator", "blank", "--no-filter", "--no-exact-dedup", "--no-near-dedup",
+        quiet(prepare.main, ["prepare", SHAKESPEARE, "--separator", "blank", "--no-filter", "--no-exact-dedup", "--no-near-dedup",
                    "--tokenizer", tokenizer, "--out", prepared[name], "--workers", "1"])
     results = []
     for name, path in prepared.items():

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import model
 from model import GPT, IGNORE_INDEX
 
@@ -415,7 +416,7 @@ def test_save_pretrained_round_trip_and_file_format(tiny_config, tmp_path):
     # load_model on a Hugging Face directory: the same model, plus the bundled GPT-2 tokenizer
     via_load_model, ckpt = model.load_model(str(tmp_path))
     assert torch.equal(via_load_model(idx)[0], ours(idx)[0])
-    assert (ckpt["tokenizer"]["name"], ckpt["step"]) == ("gpt2", 0)
+    assert (data.checkpoint_tokenizer(ckpt)["name"], ckpt["step"]) == ("gpt2", 0)
 
 
 @pytest.mark.parametrize("family,overrides", [("modern", {}), ("gpt2", dict(tie_embeddings=False)),

@@ -1,4 +1,4 @@
-"""Tests for the data stage in data.py (`python data.py prepare | train-tokenizer | download`): reading
+"""Tests for the data stage in prepare.py (`python prepare.py prepare | train-tokenizer | download`): reading
 and bad input, normalization, quality filters, deduplication (precision and recall on planted near-
 duplicates), the trained BPE tokenizer (hand-computed merges, agreement with tiktoken, round trips,
 determinism), shards and manifest (atomic writes, an interrupted run), pretraining on a prepared
@@ -19,6 +19,7 @@ import tiktoken
 
 import data
 import model
+import prepare
 import pretrain
 from data import DataError
 
@@ -52,9 +53,9 @@ def jsonl(*texts):
     return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
 
 
-def prepare(*argv):
-    """data.main(["prepare", ...]) with 1 worker (no process start-up) unless argv says otherwise."""
-    return data.main(["prepare", *argv] + ([] if "--workers" in argv else ["--workers", "1"]))
+def run_prepare(*argv):
+    """prepare.main(["prepare", ...]) with 1 worker (no process start-up) unless argv says otherwise."""
+    return prepare.main(["prepare", *argv] + ([] if "--workers" in argv else ["--workers", "1"]))
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def bad_corpus(root, rng):
 
 def test_bad_input_is_skipped_and_counted(tmp_path, capsys):
     root, good, _ = bad_corpus(tmp_path / "in", np.random.default_rng(0))
-    out = prepare(root, "--out", str(tmp_path / "out"), "--min-words", "10", "--val-fraction", "0")
+    out = run_prepare(root, "--out", str(tmp_path / "out"), "--min-words", "10", "--val-fraction", "0")
     bad = out["steps"]["ingest"]["bad_input"]
     # broken JSON, missing field, invalid UTF-8, binary file, empty file
     assert bad["count"] == 5 and out["steps"]["dedup"]["kept"] == 2
@@ -108,7 +109,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, capsys):
 def test_strict_stops_at_the_first_bad_record(tmp_path):
     root, _, first = bad_corpus(tmp_path / "in", np.random.default_rng(0))
     with pytest.raises(SystemExit) as e:
-        prepare(root, "--out", str(tmp_path / "out"), "--strict")
+        run_prepare(root, "--out", str(tmp_path / "out"), "--strict")
     assert str(e.value.code).startswith(f"error: {first}") and "\n" not in str(e.value.code)
     assert not data.is_prepared(str(tmp_path / "out"))
 
@@ -116,7 +117,7 @@ def test_strict_stops_at_the_first_bad_record(tmp_path):
 def test_nothing_left_after_filtering_is_a_clear_error(tmp_path):
     path = write(tmp_path / "short.jsonl", jsonl("too short", "also too short"))
     with pytest.raises(SystemExit, match="no documents left after cleaning 1 file"):
-        prepare(path, "--out", str(tmp_path / "out"))
+        run_prepare(path, "--out", str(tmp_path / "out"))
 
 
 # -----------------------------------------------------------------------------
@@ -138,8 +139,8 @@ NORMALIZE_CASES = [
 
 @pytest.mark.parametrize("text,form,expected", NORMALIZE_CASES)
 def test_normalize(text, form, expected):
-    assert data.normalize(text, form) == expected
-    assert data.normalize(expected, form) == expected  # idempotent
+    assert prepare.normalize(text, form) == expected
+    assert prepare.normalize(expected, form) == expected  # idempotent
 
 
 # -----------------------------------------------------------------------------
@@ -148,29 +149,29 @@ def test_normalize(text, form, expected):
 
 def test_repetition_fractions_by_hand():
     # lines "aaaa", "bb", "aaaa", "cc": the second "aaaa" repeats, 4 of 4 + 2 + 4 + 2 = 12 characters
-    assert data.repeated_line_fraction("aaaa\nbb\naaaa\n\ncc") == pytest.approx(4 / 12)
+    assert prepare.repeated_line_fraction("aaaa\nbb\naaaa\n\ncc") == pytest.approx(4 / 12)
     # words a b c d e a b c d e: the 5-gram at position 5 (a b c d e) repeats position 0's; it covers
     # words 5..9, 5 of 10 one-letter words
-    assert data.repeated_ngram_fraction("a b c d e a b c d e".split()) == pytest.approx(0.5)
-    assert data.repeated_ngram_fraction("a b c d e f g h i j".split()) == 0.0
+    assert prepare.repeated_ngram_fraction("a b c d e a b c d e".split()) == pytest.approx(0.5)
+    assert prepare.repeated_ngram_fraction("a b c d e f g h i j".split()) == 0.0
 
 
 def test_quality_filter_rules():
     rng = np.random.default_rng(0)
     prose = " ".join(sentence(rng, 9) for _ in range(12)).split()[:60]  # 60 words of prose
-    assert data.quality_filter(" ".join(prose)) is None
-    assert data.quality_filter(" ".join(prose[:49])) == "too_short"  # Gopher: at least 50 words
-    assert data.quality_filter(" ".join(prose[:50])) is None
-    assert data.quality_filter(" ".join(prose), max_words=59) == "too_long"
-    assert data.quality_filter(" ".join(["a", "b", "c"] * 20)) == "word_length"  # mean 1 character
-    assert data.quality_filter(" ".join(["abcdefghijk"] * 60)) == "word_length"  # mean 11 characters
+    assert prepare.quality_filter(" ".join(prose)) is None
+    assert prepare.quality_filter(" ".join(prose[:49])) == "too_short"  # Gopher: at least 50 words
+    assert prepare.quality_filter(" ".join(prose[:50])) is None
+    assert prepare.quality_filter(" ".join(prose), max_words=59) == "too_long"
+    assert prepare.quality_filter(" ".join(["a", "b", "c"] * 20)) == "word_length"  # mean 1 character
+    assert prepare.quality_filter(" ".join(["abcdefghijk"] * 60)) == "word_length"  # mean 11 characters
     # 13 of 60 words are numbers: 47/60 = 0.78 < 0.8 hold a letter; with 12, 48/60 = 0.8 passes
     numbers = [str(1900 + k) for k in range(13)]
-    assert data.quality_filter(" ".join(prose[:47] + numbers[:13])) == "not_alphabetic"
-    assert data.quality_filter(" ".join(prose[:48] + numbers[:12])) is None
+    assert prepare.quality_filter(" ".join(prose[:47] + numbers[:13])) == "not_alphabetic"
+    assert prepare.quality_filter(" ".join(prose[:48] + numbers[:12])) is None
     menu = "\n".join([" ".join(prose[i:i + 10]) for i in range(0, 60, 10)] + ["Home | About | Contact"] * 6)
-    assert data.quality_filter(menu) == "repeated_lines"  # 5 of 6 menu lines repeat: 110 of ~430 characters > 20%
-    assert data.quality_filter(" ".join(prose[:30] * 2)) == "repeated_ngrams"  # the second half repeats the first
+    assert prepare.quality_filter(menu) == "repeated_lines"  # 5 of 6 menu lines repeat: 110 of ~430 characters > 20%
+    assert prepare.quality_filter(" ".join(prose[:30] * 2)) == "repeated_ngrams"  # the second half repeats the first
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def jaccard(a, b, n=5):
 def test_near_duplicates_precision_and_recall():
     texts, planted = planted_corpus()
     assert min(jaccard(texts[c], texts[o]) for c, o in planted) > 0.83  # every planted pair is above 0.8
-    found = {(i, j) for i, kind, j in data.find_duplicates(texts)}
+    found = {(i, j) for i, kind, j in prepare.find_duplicates(texts)}
     precision = len(found & planted) / len(found)
     recall = len(found & planted) / len(planted)
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
@@ -226,18 +227,18 @@ def test_similar_but_distinct_documents_are_all_kept():
     head, tail = document(rng, 6), document(rng, 6)
     texts = [f"{head} {document(rng, 10)} {tail}" for _ in range(200)]
     assert max(jaccard(texts[0], t) for t in texts[1:]) < 0.6
-    assert data.find_duplicates(texts) == []
+    assert prepare.find_duplicates(texts) == []
 
 
 def test_exact_duplicates_and_index_merging():
     texts, planted = planted_corpus(seed=2, n=60, n_planted=20)
     texts = texts + texts[:5]  # exact copies of the first five
-    found = data.find_duplicates(texts)
+    found = prepare.find_duplicates(texts)
     assert [(i, j) for i, kind, j in found if kind == "exact"] == [(len(texts) - 5 + k, k) for k in range(5)]
     # the same decisions when the index merges its recent keys into the sorted arrays every 50 keys
-    index, kept, small = data.DedupIndex(merge_every=50), [], []
+    index, kept, small = prepare.DedupIndex(merge_every=50), [], []
     for i, text in enumerate(texts):
-        features = data.dedup_features(text)
+        features = prepare.dedup_features(text)
         kind, j = index.match(*features)
         if kind:
             small.append((i, kind, kept[j]))
@@ -250,16 +251,16 @@ def test_exact_duplicates_and_index_merging():
 def test_lsh_band_choice():
     # threshold 0.8, 128 rows: r = 7 (18 bands) finds 1 - (1 - 0.8^7)^18 = 98.6% of pairs at 0.8, too few;
     # r = 6 (21 bands) finds 1 - (1 - 0.8^6)^21 = 99.8%
-    assert data.lsh_bands(0.8, 128) == (21, 6)
+    assert prepare.lsh_bands(0.8, 128) == (21, 6)
     assert 1 - (1 - 0.8 ** 7) ** 18 < 0.99 < 1 - (1 - 0.8 ** 6) ** 21
-    assert data.lsh_bands(0.5, 128) == (42, 3)
+    assert prepare.lsh_bands(0.5, 128) == (42, 3)
 
 
 def test_minhash_estimates_jaccard():
     rng = np.random.default_rng(3)
     a = document(rng, 30)
     b = " ".join(a.split()[:200] + document(rng, 8).split())  # shares a long prefix with a
-    estimate = np.mean(data.minhash_signature(a, 256) == data.minhash_signature(b, 256))
+    estimate = np.mean(prepare.minhash_signature(a, 256) == prepare.minhash_signature(b, 256))
     assert abs(estimate - jaccard(a, b)) < 0.1  # standard error sqrt(J(1-J)/256) < 0.032
 
 
@@ -279,12 +280,12 @@ def test_bpe_merges_by_hand():
     # 2. ab                   smaller ids, (97, 98) before (256, 97)   -> [aa ab d aa ab a c]
     # 3. aa+ab = "aaab" (2) -> [aaab d aaab a c]; all remaining pairs count 1, smallest ids first:
     # 4. ac (97, 99), then 5. d+aaab (100, 258)
-    tok = data.train_bpe(["aaabdaaabac"], 256 + 5 + 5, progress=False)
+    tok = prepare.train_bpe(["aaabdaaabac"], 256 + 5 + 5, progress=False)
     assert trained_ids(tok) == [b"aa", b"ab", b"aaab", b"ac", b"daaab"]
     assert tok["special_tokens"] == {data.EOT: 261, **{t: 262 + i for i, t in enumerate(data.CHAT_TOKENS)}}
     # pieces "ab", " ab", " ab": (a, b) 3 times, (" ", a) twice; no pair across pieces ("b", " ")
     # 1. ab (3) -> pieces [ab], [" ", ab] x2; 2. " ab" (2); then no pair is left: the vocabulary stops short
-    tok = data.train_bpe(["ab ab ab"], 256 + 5 + 10, progress=False)
+    tok = prepare.train_bpe(["ab ab ab"], 256 + 5 + 10, progress=False)
     assert trained_ids(tok) == [b"ab", b" ab"]
     assert data.model_vocab_size(tok) == 320  # 258 ranks + 5 specials = 263 ids, padded to a multiple of 64
 
@@ -308,9 +309,9 @@ def test_python_re_and_tiktoken_split_alike():
     alphabet = list("aZé ñ日9٣²,.'s\n\t\r\x0b\x85\xa0\u2028\u3000\u200b🙂-_") + ["'ll", "'re", " "] * 3
     texts = [TRICKY] + ["".join(rng.choice(alphabet, 400)) for _ in range(20)]
     for text in texts:
-        pieces = re.findall(data.BPE_PAT_STR, text)
+        pieces = re.findall(prepare.BPE_PAT_STR, text)
         assert "".join(pieces) == text
-        enc, ranks = piece_encoding(pieces, data.BPE_PAT_STR)
+        enc, ranks = piece_encoding(pieces, prepare.BPE_PAT_STR)
         assert enc.encode_ordinary(text) == [ranks[p.encode()] for p in pieces]
 
 
@@ -318,7 +319,7 @@ def test_pieces_are_gpt2s_on_ascii_text():
     from tiktoken_ext.openai_public import r50k_pat_str
     with open(SHAKESPEARE) as f:
         text = f.read(20_000) + " 1999 $3.50 x2 it's THEY'RE a  b\t\tc   \n\n d \n"
-    pieces = re.findall(data.BPE_PAT_STR, text)
+    pieces = re.findall(prepare.BPE_PAT_STR, text)
     enc, ranks = piece_encoding(pieces, r50k_pat_str)  # GPT-2's own regex, run by tiktoken
     assert enc.encode_ordinary(text) == [ranks[p.encode()] for p in pieces]
 
@@ -332,31 +333,31 @@ def apply_merges(piece, merges):
         if not candidates:
             return word
         k, new_id = min(candidates)
-        word = data.merge_pair(word, merges[k][0], new_id)
+        word = prepare.merge_pair(word, merges[k][0], new_id)
 
 
 @pytest.fixture(scope="module")
 def shakespeare_bpe():
     with open(SHAKESPEARE) as f:
         text = f.read(100_000)
-    return text, data.train_bpe([text], 1024, progress=False)
+    return text, prepare.train_bpe([text], 1024, progress=False)
 
 
 def test_tiktoken_encodes_as_the_learned_merges(shakespeare_bpe):
     text, tok = shakespeare_bpe
-    _, merges = data.learn_bpe([text], 1024 - 256 - 5, progress=False)
+    _, merges = prepare.learn_bpe([text], 1024 - 256 - 5, progress=False)
     with open(SHAKESPEARE) as f:
         f.seek(500_000)
         unseen = f.read(30_000)
     enc = data.get_encoding(tok)
     for t in (text[:30_000], unseen, TRICKY):
-        assert enc.encode_ordinary(t) == [i for piece in re.findall(data.BPE_PAT_STR, t) for i in apply_merges(piece, merges)]
+        assert enc.encode_ordinary(t) == [i for piece in re.findall(prepare.BPE_PAT_STR, t) for i in apply_merges(piece, merges)]
 
 
 def test_retraining_gives_the_identical_tokenizer(shakespeare_bpe):
     text, tok = shakespeare_bpe
-    assert data.train_bpe([text], 1024, progress=False) == tok
-    assert data.train_bpe([text[:50_000], text[50_000:]], 1024, progress=False) != tok  # pieces across the cut differ
+    assert prepare.train_bpe([text], 1024, progress=False) == tok
+    assert prepare.train_bpe([text[:50_000], text[50_000:]], 1024, progress=False) != tok  # pieces across the cut differ
 
 
 def test_round_trips(shakespeare_bpe):
@@ -393,7 +394,7 @@ def read_clean(out):
 def test_prepare_writes_shards_and_manifest(tmp_path):
     docs = small_corpus(tmp_path / "in")
     out = str(tmp_path / "out")
-    result = prepare(str(tmp_path / "in"), "--out", out, "--separator", "<|endoftext|>", "--workers", "2")
+    result = run_prepare(str(tmp_path / "in"), "--out", out, "--separator", "<|endoftext|>", "--workers", "2")
     assert read_clean(out) == docs  # in input order, minus the 3 exact copies
     assert result["steps"]["exact_dedup"]["dropped"] == 3
     manifest = data.read_manifest(out)
@@ -402,7 +403,7 @@ def test_prepare_writes_shards_and_manifest(tmp_path):
     enc = data.get_encoding(data.gpt2_tokenizer())
     expected = {"train": [], "val": []}
     for i, doc in enumerate(docs):  # every 10th document (the 5th, 15th, ...) is validation
-        expected["val" if data.is_val_doc(i, 0.1) else "train"] += enc.encode_ordinary(doc) + [enc.eot_token]
+        expected["val" if prepare.is_val_doc(i, 0.1) else "train"] += enc.encode_ordinary(doc) + [enc.eot_token]
     train, val = data.load_prepared(out, data.gpt2_tokenizer())
     assert train.tolist() == expected["train"] and val.tolist() == expected["val"]
     assert manifest["splits"]["val"]["docs"] == 4 and manifest["splits"]["val"]["tokens"] == len(expected["val"])
@@ -410,7 +411,7 @@ def test_prepare_writes_shards_and_manifest(tmp_path):
                                        "train_000.bin", "val_000.bin"]
     # one worker writes the same bytes; small shards concatenate to the same stream
     again = str(tmp_path / "again")
-    prepare(str(tmp_path / "in"), "--out", again, "--separator", "<|endoftext|>", "--shard-tokens", "1000")
+    run_prepare(str(tmp_path / "in"), "--out", again, "--separator", "<|endoftext|>", "--shard-tokens", "1000")
     assert data.read_manifest(again)["splits"]["train"]["shards"][1] == {"file": "train_001.bin", "tokens": 1000}
     assert data.load_prepared(again, data.gpt2_tokenizer())[0].tolist() == expected["train"]
 
@@ -418,17 +419,17 @@ def test_prepare_writes_shards_and_manifest(tmp_path):
 def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     small_corpus(tmp_path / "in")
     out = str(tmp_path / "out")
-    prepare(str(tmp_path / "in"), "--out", out)
+    run_prepare(str(tmp_path / "in"), "--out", out)
     assert data.is_prepared(out)
-    write_ids = data.ShardWriter.write
+    write_ids = prepare.ShardWriter.write
 
     def crash_after_first_write(self, ids):
         write_ids(self, ids[:10])
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a shard
 
-    monkeypatch.setattr(data.ShardWriter, "write", crash_after_first_write)
+    monkeypatch.setattr(prepare.ShardWriter, "write", crash_after_first_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(str(tmp_path / "in"), "--out", out)
+        run_prepare(str(tmp_path / "in"), "--out", out)
     assert not data.is_prepared(out)  # the old manifest went first; the new one is never written
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     with pytest.raises(DataError, match="unfinished"):
@@ -444,7 +445,7 @@ def tiny_pretrain(data_dir, out, *extra):
 def test_pretrain_on_a_prepared_directory_with_a_trained_tokenizer(tmp_path):
     small_corpus(tmp_path / "in")
     out = str(tmp_path / "prepared")
-    prepare(str(tmp_path / "in"), "--out", out, "--separator", "<|endoftext|>", "--tokenizer", "train",
+    run_prepare(str(tmp_path / "in"), "--out", out, "--separator", "<|endoftext|>", "--tokenizer", "train",
             "--vocab-size", "300")
     tok = data.load_tokenizer(os.path.join(out, "tokenizer.json"))
     assert data.read_manifest(out)["tokenizer_name"] == tok["name"] and tok["name"].startswith("bpe300-")
@@ -453,12 +454,12 @@ def test_pretrain_on_a_prepared_directory_with_a_trained_tokenizer(tmp_path):
     ckpt = model.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["tokenizer"] == tok and ckpt["model_config"]["vocab_size"] == 320  # 300 ids padded to 64
     # the same data prepared with GPT-2's tokenizer cannot continue this checkpoint
-    prepare(str(tmp_path / "in"), "--out", str(tmp_path / "gpt2"), "--separator", "<|endoftext|>")
+    run_prepare(str(tmp_path / "in"), "--out", str(tmp_path / "gpt2"), "--separator", "<|endoftext|>")
     with pytest.raises(SystemExit, match=r"tokenized with gpt2 but the model uses bpe300-") as e:
         tiny_pretrain(str(tmp_path / "gpt2"), tmp_path / "run2", "--init-from", str(tmp_path / "run"))
     assert "\n" not in str(e.value.code)
     # prepared with the checkpoint's tokenizer, it can
-    prepare(str(tmp_path / "in"), "--out", str(tmp_path / "same"), "--separator", "<|endoftext|>",
+    run_prepare(str(tmp_path / "in"), "--out", str(tmp_path / "same"), "--separator", "<|endoftext|>",
             "--tokenizer", str(tmp_path / "run"))
     assert tiny_pretrain(str(tmp_path / "same"), tmp_path / "run3", "--init-from", str(tmp_path / "run"))["step"] == 3
 
@@ -466,7 +467,7 @@ def test_pretrain_on_a_prepared_directory_with_a_trained_tokenizer(tmp_path):
 def test_train_tokenizer_command(tmp_path):
     with open(SHAKESPEARE) as f:
         path = write(tmp_path / "a.txt", f.read(5000))
-    result = data.main(["train-tokenizer", path, "--vocab-size", "270", "--out", str(tmp_path / "tok.json")])
+    result = prepare.main(["train-tokenizer", path, "--vocab-size", "270", "--out", str(tmp_path / "tok.json")])
     tok = data.load_tokenizer(str(tmp_path / "tok.json"))
     assert result["name"] == tok["name"] and len(trained_ids(tok)) == 270 - 256 - 5
     from tiktoken.load import load_tiktoken_bpe  # the ranks file is in tiktoken's own format
@@ -513,32 +514,32 @@ def sha256_of(payload):
 
 def test_download_verifies_and_resumes(server, tmp_path):
     path, payload = str(tmp_path / "corpus.txt"), FileServer.payload
-    assert data.download(server, path, sha256_of(payload)) == sha256_of(payload)
+    assert prepare.download(server, path, sha256_of(payload)) == sha256_of(payload)
     with open(path, "rb") as f:
         assert f.read() == payload
     # an interrupted download: 100,000 bytes in the .part file; only the rest is requested
     path2 = str(tmp_path / "resumed.txt")
     write(tmp_path / "resumed.txt.part", payload[:100_000])
-    data.download(server, path2, sha256_of(payload))
+    prepare.download(server, path2, sha256_of(payload))
     assert FileServer.ranges[-1] == "bytes=100000-" and open(path2, "rb").read() == payload
     assert not os.path.exists(path2 + ".part")
     # a complete .part file: the server answers 416 and the file is verified as it is
     write(tmp_path / "done.txt.part", payload)
-    data.download(server, str(tmp_path / "done.txt"), sha256_of(payload))
+    prepare.download(server, str(tmp_path / "done.txt"), sha256_of(payload))
     assert open(tmp_path / "done.txt", "rb").read() == payload
 
 
 def test_download_restarts_when_the_server_ignores_ranges(server, tmp_path):
     FileServer.ignore_range = True
     write(tmp_path / "c.txt.part", b"stale bytes that must not stay in front")
-    data.download(server, str(tmp_path / "c.txt"), sha256_of(FileServer.payload))
+    prepare.download(server, str(tmp_path / "c.txt"), sha256_of(FileServer.payload))
     assert open(tmp_path / "c.txt", "rb").read() == FileServer.payload
 
 
 def test_download_checksum_mismatch(server, tmp_path):
     path = str(tmp_path / "corpus.txt")
     with pytest.raises(DataError, match="sha256 mismatch"):
-        data.download(server, path, "0" * 64)
+        prepare.download(server, path, "0" * 64)
     assert not os.path.exists(path) and not os.path.exists(path + ".part")
     with pytest.raises(SystemExit, match="sha256 mismatch"):  # the command line says it in one line
-        data.main(["download", "--url", server, "--sha256", "0" * 64, "--out", path])
+        prepare.main(["download", "--url", server, "--sha256", "0" * 64, "--out", path])
