@@ -10,6 +10,8 @@ prepare.py). In the order a stage uses it:
   token arrays   a prepared directory's shards, or raw text tokenized once into a cache (pretraining)
   chat data      records (Alpaca, chat messages, prompt/completion) rendered with the chat template,
                  the prompt's labels masked with IGNORE_INDEX (SFT)
+  preferences    chosen/rejected pairs (plain, Anthropic HH-RLHF, OpenAI formats) for the reward model
+                 and DPO; prompts alone for PPO; left-padded prompts and right-padded responses
   batches        random windows of a token stream (pretraining), padded examples (SFT)
 """
 
@@ -18,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import tiktoken
@@ -83,11 +86,21 @@ def decode(enc, ids):
     return enc.decode([i for i in ids if i < enc.n_vocab])
 
 
+def special_id(enc, name):
+    """The id of a special token such as "<|end|>", through tiktoken's public API (its table,
+    enc._special_tokens, is private). A tokenizer without it, say a checkpoint trained before the
+    chat tokens existed, is a DataError rather than a KeyError deep inside a loop."""
+    if name not in enc.special_tokens_set:
+        raise DataError(f"tokenizer {enc.name!r} has no special token {name}; it has {sorted(enc.special_tokens_set)}")
+    return enc.encode_single_token(name)
+
+
 def token_byte_lengths(enc, vocab_size):
     """Bytes each token id stands for, (V,); 0 for special and unused ids. Used for bits per byte."""
     lengths = np.zeros(vocab_size, dtype=np.int64)
+    specials = {special_id(enc, name) for name in enc.special_tokens_set}
     for i in range(min(enc.n_vocab, vocab_size)):
-        if i not in enc._special_tokens.values():
+        if i not in specials:
             lengths[i] = len(enc.decode_single_token_bytes(i))
     return lengths
 
@@ -303,38 +316,14 @@ def _tokenize_files(files, enc, bin_path, key, val_fraction):
 ROLES = ("system", "user", "assistant")
 
 
-def to_messages(record, where):
-    """One training record as a list of {"role", "content"} messages. Three formats are read:
-    Alpaca {"instruction", "input", "output"}, chat {"messages": [...]}, and {"prompt", "completion"}."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: record is not a JSON object")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-            raise DataError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
-    elif isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
-        user = record["instruction"]
-        if isinstance(record.get("input"), str) and record["input"].strip():
-            user += "\n\n" + record["input"]  # Alpaca's optional context follows the instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-    else:
-        raise DataError(f"{where}: record fits none of Alpaca (instruction/input/output), chat (messages) "
-                        "or prompt/completion")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: conversation has no assistant message to learn from")
-    return messages
-
-
-def read_chat_records(path):
-    """All conversations of a .jsonl file, each a list of messages; errors name the file and line."""
+def iter_jsonl(path):
+    """Yield ("file:line", record) for each non-blank line of a .jsonl file: the one line reader of
+    chat, preference and prompt data, so bad input names its file and line the same way everywhere."""
     if not path.endswith(".jsonl"):
-        raise DataError(f"{path}: instruction data must be a .jsonl file")
+        raise DataError(f"{path}: must be a .jsonl file (one JSON record per line)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    conversations = []
+    n_records = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):  # splits on b"\n" only: JSON strings may hold U+2028
             try:
@@ -347,10 +336,60 @@ def read_chat_records(path):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            conversations.append(to_messages(record, f"{path}:{lineno}"))
-    if not conversations:
+            n_records += 1
+            yield f"{path}:{lineno}", record
+    if n_records == 0:
         raise DataError(f"{path}: file is empty")
-    return conversations
+
+
+def _messages(value, where, field):
+    """value as a list of {"role", "content"} messages (other keys dropped), or a DataError naming field."""
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
+        raise DataError(f"{where}: {field!r} must be a list of {{role: system|user|assistant, content: str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt(value, where, field="prompt"):
+    """A prompt (a string: one user turn, or a message list) as messages ending with the user turn to answer."""
+    messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where, field)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: {field!r} must end with a user turn (the one a reply answers)")
+    return messages
+
+
+def to_messages(record, where, need_reply=True):
+    """One training record as a list of {"role", "content"} messages. Three formats are read:
+    Alpaca {"instruction", "input", "output"}, chat {"messages": [...]}, and {"prompt", "completion"}
+    (the prompt a string or a message list). need_reply=False accepts a record that stops before
+    the reply (no output, no completion, no assistant turn): a prompt to generate from."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record is not a JSON object")
+    if "messages" in record:
+        messages = _messages(record["messages"], where, "messages")
+    elif isinstance(record.get("instruction"), str):
+        user = record["instruction"]
+        if isinstance(record.get("input"), str) and record["input"].strip():
+            user += "\n\n" + record["input"]  # Alpaca's optional context follows the instruction
+        messages = [{"role": "user", "content": user}] + _reply(record, "output")
+    elif isinstance(record.get("prompt"), (str, list)):
+        messages = _prompt(record["prompt"], where) + _reply(record, "completion")
+    else:
+        raise DataError(f"{where}: record fits none of Alpaca (instruction/input/output), chat (messages) "
+                        "or prompt/completion")
+    if need_reply and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant message to learn from")
+    return messages
+
+
+def _reply(record, field):
+    """The assistant message of a record's reply field (Alpaca's output, a completion), or none."""
+    return [{"role": "assistant", "content": record[field]}] if isinstance(record.get(field), str) else []
+
+
+def read_chat_records(path):
+    """All conversations of a .jsonl file, each a list of messages; errors name the file and line."""
+    return [to_messages(record, where) for where, record in iter_jsonl(path)]
 
 
 def render_chat(enc, messages, add_generation_prompt=False):
@@ -361,14 +400,14 @@ def render_chat(enc, messages, add_generation_prompt=False):
     and IGNORE_INDEX elsewhere: system and user text, and the role markers, are read, not predicted.
     With add_generation_prompt the ids end with <|assistant|>, where a reply should begin.
     """
-    end = enc._special_tokens["<|end|>"]
+    end = special_id(enc, "<|end|>")
     ids, labels = [], []
     for m in messages:
         content = encode(enc, m["content"]) + [end]
-        ids += [enc._special_tokens[f"<|{m['role']}|>"]] + content
+        ids += [special_id(enc, f"<|{m['role']}|>")] + content
         labels += [IGNORE_INDEX] + (content if m["role"] == "assistant" else [IGNORE_INDEX] * len(content))
     if add_generation_prompt:
-        ids.append(enc._special_tokens["<|assistant|>"])
+        ids.append(special_id(enc, "<|assistant|>"))
         labels.append(IGNORE_INDEX)
     return ids, labels
 
@@ -423,6 +462,146 @@ def pack_examples(examples, block_size, pad_id):
         rows.append((ids_row, labels_row))
     full = block_size + 1
     return [(i + [pad_id] * (full - len(i)), lab + [IGNORE_INDEX] * (full - len(lab))) for i, lab in rows]
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs and prompts: {"prompt": messages, "chosen": str, "rejected": str} (reward model, DPO),
+# prompts alone (PPO), and the padded batches both need
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # the turn markers of Anthropic's HH-RLHF transcripts
+
+
+def hh_messages(transcript):
+    """An HH-RLHF transcript "\n\nHuman: q\n\nAssistant: a..." as chat messages, each turn's text stripped."""
+    parts = re.split(r"\n\n(Human|Assistant):", transcript)  # ["", "Human", " q", "Assistant", " a", ...]
+    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+            for who, text in zip(parts[1::2], parts[2::2])]
+
+
+def _response(value, where, field):
+    """A reply given as a string, or as a list of one assistant message, as its text."""
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+        return value[0]["content"]
+    raise DataError(f"{where}: {field!r} must be a string or a list of one assistant message")
+
+
+def to_pair(record, where):
+    """One preference record as {"prompt": messages ending with a user turn, "chosen": str, "rejected": str}.
+
+    Three formats are read: plain {"prompt", "chosen", "rejected"} (prompt a string or message list,
+    replies strings or one assistant message each); Anthropic HH-RLHF transcripts, either split
+    ({"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " a", ...}) or whole ({"chosen", "rejected"},
+    two transcripts that differ only after the last "\n\nAssistant:"); and OpenAI's preference format
+    {"input": {"messages"}, "preferred_output": [message], "non_preferred_output": [message]}.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record is not a JSON object")
+    if "preferred_output" in record:
+        inp = record.get("input")
+        return {"prompt": _prompt(inp.get("messages") if isinstance(inp, dict) else None, where, "input.messages"),
+                "chosen": _response(record["preferred_output"], where, "preferred_output"),
+                "rejected": _response(record.get("non_preferred_output"), where, "non_preferred_output")}
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if "prompt" not in record and isinstance(chosen, str) and chosen.startswith(HUMAN):
+        # whole transcripts: the prompt is their shared text up to and including the last "\n\nAssistant:"
+        cut = chosen.rfind(ASSISTANT) + len(ASSISTANT)
+        if (cut < len(ASSISTANT) or not isinstance(rejected, str) or rejected[:cut] != chosen[:cut]
+                or rejected.rfind(ASSISTANT) + len(ASSISTANT) != cut):
+            raise DataError(f"{where}: 'chosen' and 'rejected' transcripts do not share the prompt up to "
+                            "the last '\\n\\nAssistant:'")
+        record = {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    if not {"prompt", "chosen", "rejected"} <= record.keys():
+        raise DataError(f"{where}: record fits none of prompt/chosen/rejected, HH-RLHF transcripts (chosen/rejected) "
+                        "or OpenAI (input/preferred_output/non_preferred_output)")
+    prompt, chosen, rejected = (record["prompt"], _response(record["chosen"], where, "chosen"),
+                                _response(record["rejected"], where, "rejected"))
+    if isinstance(prompt, str) and prompt.startswith(HUMAN):
+        messages = hh_messages(prompt)
+        if messages[-1] == {"role": "assistant", "content": ""}:
+            messages.pop()  # the empty "\n\nAssistant:" the replies complete
+        prompt, chosen, rejected = messages, chosen.strip(), rejected.strip()  # HH replies begin with a space
+    return {"prompt": _prompt(prompt, where), "chosen": chosen, "rejected": rejected}
+
+
+def read_preference_pairs(path):
+    """The preference pairs of a .jsonl file (formats: see to_pair), and counts of what was skipped.
+
+    A pair with an empty reply (HH-RLHF has chosen replies of one space) or two identical replies
+    says nothing about which answer is better (identical ones give the DPO and reward losses a zero
+    gradient), so it is skipped and counted, not an error. Returns (pairs, counts) with counts
+    {"read", "kept", "identical", "empty"}.
+    """
+    pairs, counts = [], {"read": 0, "kept": 0, "identical": 0, "empty": 0}
+    for where, record in iter_jsonl(path):
+        pair = to_pair(record, where)
+        chosen, rejected = pair["chosen"].strip(), pair["rejected"].strip()
+        kind = "empty" if not chosen or not rejected else "identical" if chosen == rejected else "kept"
+        counts["read"] += 1
+        counts[kind] += 1
+        if kind == "kept":
+            pairs.append(pair)
+    return pairs, counts
+
+
+def render_pair(enc, pair):
+    """(prompt_ids, chosen_ids, rejected_ids) of a pair: the prompt through the chat template, ending
+    with <|assistant|>, and each reply's tokens followed by <|end|> (so the model learns to stop).
+    prompt_ids + chosen_ids is exactly render_chat of the prompt plus the chosen assistant message."""
+    prompt_ids, _ = render_chat(enc, pair["prompt"], add_generation_prompt=True)
+    end = special_id(enc, "<|end|>")
+    return prompt_ids, encode(enc, pair["chosen"]) + [end], encode(enc, pair["rejected"]) + [end]
+
+
+def read_prompts(path):
+    """The prompts of a .jsonl file for PPO rollouts, each a message list ending with a user turn.
+
+    Any record read_chat_records or read_preference_pairs reads will do, and a conversation with no
+    reply at all; a trailing assistant message (the dataset's own answer) is dropped.
+    """
+    prompts = []
+    for where, record in iter_jsonl(path):
+        if isinstance(record, dict) and ("chosen" in record or "preferred_output" in record):
+            prompts.append(to_pair(record, where)["prompt"])
+            continue
+        messages = to_messages(record, where, need_reply=False)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        prompts.append(_prompt(messages, where, "messages"))
+    return prompts
+
+
+def left_pad(seqs, pad_id):
+    """Right-align token lists into (ids, pad_mask), both (B, T), T the longest; pad_mask is True on
+    real tokens. Batched generation appends every row's next token in the same column, so the
+    prompts must all end at the last one; the mask keeps attention off the padding."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)   # (B, T)
+    pad_mask = torch.zeros((len(seqs), T), dtype=torch.bool)     # (B, T)
+    for row, s in enumerate(seqs):
+        ids[row, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        pad_mask[row, T - len(s):] = True
+    return ids, pad_mask
+
+
+def pad_responses(pairs, pad_id):
+    """Right-pad (prompt_ids, response_ids) pairs into (ids, pad_mask, response_mask), each (B, T).
+
+    ids is prompt + response; pad_mask is True on real tokens, response_mask on response tokens only
+    (the ones whose log-probabilities the reward model, DPO and PPO score; the logits predicting the
+    token at t sit at t - 1). Right padding keeps each prompt at position 0, as in training.
+    """
+    T = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)     # (B, T)
+    pad_mask = torch.zeros((len(pairs), T), dtype=torch.bool)       # (B, T)
+    response_mask = torch.zeros((len(pairs), T), dtype=torch.bool)  # (B, T)
+    for row, (p, r) in enumerate(pairs):
+        ids[row, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        pad_mask[row, :len(p) + len(r)] = True
+        response_mask[row, len(p):len(p) + len(r)] = True
+    return ids, pad_mask, response_mask
 
 
 # -----------------------------------------------------------------------------

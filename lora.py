@@ -12,6 +12,11 @@ Only A and B are trained: for a C × C matrix that is 2·r·C numbers instead of
 two moment buffers shrink by the same ratio. After training, merge() folds (α/r)·B A into W and the
 adapter costs nothing at inference.
 
+Two more things may train next to A and B, and are saved with them in the adapter:
+  - the embedding rows of a few token ids (train_rows: the chat tokens, which a base model never saw
+    as input; frozen, <|end|> could never be learned, and the reply never stop), the rest frozen;
+  - whole small modules (modules_to_save: the score head of a reward or value model).
+
 Nothing here knows about a stage: sft.py, reward.py, ppo.py and dpo.py all use the same functions.
 Module names to target are suffixes of model.py's names: "attn.qkv" (q, k and v, fused as in GPT-2's
 c_attn: one A and B for the three), "attn.proj" (o), "mlp.fc", "mlp.proj".
@@ -23,6 +28,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj")  # the paper adapts the attention projections (§7.1)
 
@@ -64,34 +70,85 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class TrainableRows(nn.Module):
+    """A frozen token embedding (or output layer) whose rows for a few token ids train.
+
+    The rows live in their own small parameter, so the optimizer keeps moments for k rows, not V.
+    With tied embeddings the lm_head wrapper shares the embedding wrapper's rows.
+    """
+
+    def __init__(self, base, row_ids, rows=None):
+        super().__init__()
+        self.base = base  # nn.Embedding (V, C) or nn.Linear(C, V), frozen
+        self.register_buffer("row_ids", torch.tensor(row_ids, dtype=torch.long, device=base.weight.device))
+        self.rows = rows if rows is not None else nn.Parameter(base.weight[self.row_ids].detach().clone())
+        self.enabled = True  # False: the base rows (the reference model of DPO and PPO)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def full_weight(self):
+        if not self.enabled:
+            return self.base.weight
+        return self.base.weight.index_put((self.row_ids,), self.rows.to(self.base.weight.dtype))  # (V, C), a copy
+
+    def forward(self, x):
+        if isinstance(self.base, nn.Embedding):
+            return F.embedding(x, self.full_weight())    # (B, T) -> (B, T, C)
+        return F.linear(x, self.full_weight())           # (B, T, C) -> (B, T, V)
+
+
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
+def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, train_rows=(), modules_to_save=()):
     """Wrap every nn.Linear whose name ends with one of targets in a LoRALinear, and freeze all
-    parameters except the new A and B matrices. Returns the model (changed in place)."""
+    parameters except the new A and B matrices, the embedding rows of the token ids in train_rows,
+    and the modules named in modules_to_save (e.g. "score_head"). Returns the model (changed in place)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    owners = {}  # weight -> modules holding it: a tied weight has two
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            owners.setdefault(id(module.weight), []).append(name)
     wrapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and full.endswith(tuple(targets)):
+                if len(owners[id(child.weight)]) > 1:
+                    # merging B A into a shared matrix would change the other module too (lm_head's
+                    # weight is the token embedding: every input embedding would move)
+                    raise ValueError(f"LoRA target {full}: its weight is shared with "
+                                     f"{[n for n in owners[id(child.weight)] if n != full]} (tied embeddings); "
+                                     f"leave {full} out of the targets")
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 wrapped += 1
     if wrapped == 0:
         raise ValueError(f"no nn.Linear matches the LoRA targets {targets}")
+    if train_rows:
+        tied = model.lm_head.weight is model.tok_emb.weight
+        model.tok_emb = TrainableRows(model.tok_emb, list(train_rows))
+        model.lm_head = TrainableRows(model.lm_head, list(train_rows), model.tok_emb.rows if tied else None)
+    for name in modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
+    model.lora_extras = {"train_rows": list(train_rows), "modules_to_save": list(modules_to_save)}
     return model
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back: the result is an
-    ordinary model (same state_dict keys as before apply_lora), exportable like any other."""
+    """Fold every adapter (and trained row) into its base weight and put the plain modules back: the
+    result is an ordinary model (same state_dict keys as before apply_lora), exportable like any other."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 child.merge()
+                setattr(module, child_name, child.base)
+            elif isinstance(child, TrainableRows):
+                with torch.no_grad():
+                    child.base.weight[child.row_ids] = child.rows.to(child.base.weight.dtype)
                 setattr(module, child_name, child.base)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -101,8 +158,13 @@ def merge_lora(model):
 @contextlib.contextmanager
 def lora_disabled(model):
     """Inside this block the model computes as its frozen base: the reference policy π_ref of DPO
-    and PPO comes for free, without a second copy of the weights."""
+    and PPO comes for free, without a second copy of the weights. Raises if there is nothing to
+    disable (no adapters, or merged ones): the policy would silently serve as its own reference."""
     layers = [m for m in lora_layers(model) if not m.merged]
+    if not layers:
+        raise ValueError("lora_disabled: the model has no active LoRA adapters (none applied, or merged), "
+                         "so the base model is not available as a reference")
+    layers += [m for m in model.modules() if isinstance(m, TrainableRows)]
     for m in layers:
         m.enabled = False
     try:
@@ -117,34 +179,54 @@ def lora_disabled(model):
 
 
 def lora_state_dict(model):
-    """Only the A and B matrices: a few hundred kB where the model is hundreds of MB."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+    """What trains, and only that: A and B, trained rows, saved modules. A few hundred kB where the
+    model is hundreds of MB."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in trainable}
 
 
 def lora_config(model):
-    """r, alpha, dropout and targets of the adapters in model, to rebuild them with apply_lora."""
+    """Everything apply_lora needs to rebuild the adapters of model: r, alpha, dropout, targets,
+    train_rows, modules_to_save."""
     layers = lora_layers(model)
-    names = [n.removesuffix(".base") for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in names})
-    return {"r": layers[0].r, "alpha": layers[0].alpha, "dropout": layers[0].dropout.p, "targets": suffixes}
+    return {"r": layers[0].r, "alpha": layers[0].alpha, "dropout": layers[0].dropout.p, "targets": suffixes,
+            **getattr(model, "lora_extras", {})}
 
 
 def base_fingerprint(model):
-    """sha256 of the frozen base weights: an adapter records it and refuses another base model."""
+    """sha256 of the base weights, taken before the stage changed anything: an adapter records it and
+    refuses another base model."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if not name.endswith(("lora_A", "lora_B")):
-            h.update(name.replace(".base.", ".").encode())  # same names wrapped or not
-            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
+def adapter_checkpoint(model, base, fingerprint, **extra):
+    """The adapter file's contents: what trains, how to rebuild it, and which base it belongs on
+    (base: the path it was loaded from; fingerprint: base_fingerprint of that base, unchanged)."""
+    return dict(lora=lora_state_dict(model), lora_config=lora_config(model), base=base,
+                base_fingerprint=fingerprint, **extra)
+
+
 def load_lora(model, adapter):
-    """Put an adapter checkpoint ({"lora", "lora_config", "base_fingerprint", ...}) onto its base model."""
+    """Put an adapter (adapter_checkpoint's dict) onto the base model it was trained on, as loaded.
+
+    The base is checked against the fingerprint first, then given what the stage added before its
+    adapters (adapter["model_config"]: a larger vocabulary, a score head), then the adapters.
+    """
     cfg = adapter["lora_config"]
     if base_fingerprint(model) != adapter["base_fingerprint"]:
         raise ValueError("this adapter was trained on different base weights (fingerprint mismatch)")
-    apply_lora(model, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+    shape = adapter.get("model_config", {})
+    model.resize_vocab(shape.get("vocab_size", model.config.vocab_size))
+    if shape.get("score_head") and model.score_head is None:
+        model.add_score_head()
+    apply_lora(model, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"], cfg.get("train_rows", ()),
+               cfg.get("modules_to_save", ()))
     missing = set(lora_state_dict(model)) - set(adapter["lora"])
     if missing:
         raise ValueError(f"adapter lacks {sorted(missing)[:3]}...")

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
+
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross_entropy default)
 
 # What changed between GPT-2 and today's decoders, as config fields.
@@ -59,6 +61,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     attn_impl: str = "sdpa"   # "sdpa" (fused torch kernel) or "manual" (the maths written out)
+    score_head: bool = False  # also a linear head from the last hidden state to one number: a reward
+                              # model's score or PPO's value (see GPT.scores); lm_head stays as it is
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -134,7 +138,8 @@ class KVCache:
         shape = (batch_size, config.n_kv_head, config.block_size, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # number of positions filled; advanced by GPT.forward after all layers ran
+        self.pos = 0        # number of positions filled; advanced by GPT.hidden_states after all layers ran
+        self.real = None    # (B, block_size) bool, True on real tokens; kept once a padded prompt came in
 
 
 class CausalSelfAttention(nn.Module):
@@ -154,17 +159,18 @@ class CausalSelfAttention(nn.Module):
         T = config.block_size
         self.register_buffer("causal_mask", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
+        """x (B, T, C); rope: (cos, sin) for these T positions; mask: (B, 1, T, Tk) bool, True = may
+        attend, or None for plain causal attention (see GPT.hidden_states, which builds both)."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        pos = cache.pos if cache is not None else 0  # absolute position of x's first token
+        pos = cache.pos if cache is not None else 0  # cache slot of x's first token
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, T, H*D) -> (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
         if rope is not None:
-            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # append this step's keys/values, then attend over all of them
             cache.k[self.layer_idx][:, :, pos:pos + T] = k
             cache.v[self.layer_idx][:, :, pos:pos + T] = v
@@ -173,19 +179,18 @@ class CausalSelfAttention(nn.Module):
         if Hkv != H:  # grouped-query attention: each k/v head serves H/Hkv query heads
             k = k.repeat_interleave(H // Hkv, dim=1)     # (B, Hkv, Tk, D) -> (B, H, Tk, D)
             v = v.repeat_interleave(H // Hkv, dim=1)
-        # query i sits at absolute position pos+i and may look at keys 0..pos+i
-        mask = self.causal_mask[pos:pos + T, :pos + T]  # (T, Tk), True = may attend
         p_drop = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
-            # the fused kernel computes the same thing as the manual branch without materialising
-            # the (T, Tk) score matrix; is_causal assumes pos == 0, so a cache prefix passes the mask
-            if pos == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+            # the fused kernel computes the same thing as the manual branch without materialising the
+            # (T, Tk) scores. No mask: causal from position 0 (is_causal), or one new token that may see
+            # every cached key (decoding), which keeps the fastest kernels usable
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop,
+                                               is_causal=mask is None and pos == 0)
         else:
+            if mask is None:  # query i sits at cache slot pos+i and may look at keys 0..pos+i
+                mask = self.causal_mask[pos:pos + T, :pos + T]    # (T, Tk)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
-            att = att.masked_fill(~mask, float("-inf"))           # no looking at future tokens
+            att = att.masked_fill(~mask, float("-inf"))           # no looking at future tokens or padding
             att = F.softmax(att.float(), dim=-1).type_as(q)       # each row sums to 1
             att = F.dropout(att, p_drop, self.training)
             y = att @ v                                           # (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D)
@@ -230,8 +235,8 @@ class Block(nn.Module):
         self.ln2 = Norm(config.n_embd, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.ln1(x), rope, cache, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -254,6 +259,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.score_head = nn.Linear(config.n_embd, 1) if config.score_head else None
         if config.pos_emb == "rope":
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -266,6 +272,8 @@ class GPT(nn.Module):
         - Linear and embedding weights ~ N(0, 0.02); biases 0; norm weights 1.
         - The two projections that write into the residual stream (attn.proj, mlp.proj) get
           std 0.02/√(2·n_layer), so the residual's variance does not grow with depth (GPT-2 paper, §2.3).
+        - The score head gets std 1/√(C+1), so a fresh reward or value model starts with scores of
+          about unit scale (Stiennon et al. 2020's reward head; Huang et al. 2024, detail 12).
         """
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -274,8 +282,19 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name == "score_head.weight":
+                nn.init.normal_(p, std=1 / math.sqrt(self.config.n_embd + 1))
             else:
                 nn.init.normal_(p, std=0.02)
+
+    def add_score_head(self):
+        """Give a language model (an SFT checkpoint, say) the scalar head of a reward or value model."""
+        w = self.tok_emb.weight
+        self.config.score_head = True
+        self.score_head = nn.Linear(self.config.n_embd, 1, device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(self.config.n_embd + 1))
+        nn.init.zeros_(self.score_head.bias)
+        return self
 
     def num_params(self, non_embedding=True):
         """Parameter count; by default without the position table (it costs no matmul FLOPs)."""
@@ -287,89 +306,165 @@ class GPT(nn.Module):
     @torch.no_grad()
     def resize_vocab(self, vocab_size):
         """Grow the token embedding (and lm_head) to vocab_size rows, e.g. to give a Hugging Face GPT-2
-        (50,257 rows) room for chat tokens. New rows start at the mean embedding, so a new token first
-        looks like an average token rather than a random one (Hewitt 2021, "Initializing New Word Embeddings")."""
-        old = self.tok_emb.weight
-        if vocab_size <= old.size(0):
+        (50,257 rows) room for chat tokens.
+
+        New rows are drawn from N(μ, 10⁻⁵·Σ), μ and Σ the mean and covariance of the existing rows
+        (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models"): each new token
+        starts close to an average token, so its logit does not swamp the others, yet every new row
+        differs, so <|user|> and <|end|> are told apart from step 0. The noise has a fixed seed: the
+        same base always grows the same rows (a LoRA adapter's base fingerprint depends on it).
+        """
+        if vocab_size <= self.tok_emb.weight.size(0):
             return
-        new = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)])
-        self.tok_emb = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
-        self.tok_emb.weight.copy_(new)
+
+        def grown(old):  # (V_old, C) -> (vocab_size, C)
+            x = old.float()
+            mean, cov = x.mean(0), torch.cov(x.t())                      # (C,), (C, C)
+            jitter = 1e-6 * cov.diagonal().mean() * torch.eye(x.size(1), device=x.device)
+            chol = torch.linalg.cholesky(1e-5 * cov + jitter)          # noise = z Lᵀ has covariance 1e-5·Σ
+            z = torch.randn(vocab_size - x.size(0), x.size(1), generator=torch.Generator().manual_seed(0))
+            return torch.cat([x, mean + z.to(x.device) @ chol.t()]).to(old.dtype)
+
+        old = self.tok_emb.weight
+        C, kw = old.size(1), dict(device=old.device, dtype=old.dtype)
+        head = self.lm_head.weight
+        self.tok_emb = nn.Embedding(vocab_size, C, **kw)
+        self.tok_emb.weight.copy_(grown(old))
+        self.lm_head = nn.Linear(C, vocab_size, bias=False, **kw)
         if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False, device=old.device, dtype=old.dtype)
             self.lm_head.weight = self.tok_emb.weight
         else:
-            head = self.lm_head.weight
-            self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False, device=old.device, dtype=old.dtype)
-            self.lm_head.weight.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab_size - head.size(0), -1)]))
+            self.lm_head.weight.copy_(grown(head))
         self.config.vocab_size = vocab_size
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, pad_mask=None):
         """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
 
         targets (B, T) holds the token that should follow each position (idx shifted left by one).
         With a KVCache, idx holds only the new tokens and the cache supplies the earlier ones.
+        pad_mask (B, T) bool is True on real tokens, for left-padded batches (see hidden_states).
         """
-        logits = self.lm_head(self.hidden_states(idx, cache))    # (B, T, C) -> (B, T, V)
+        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask))  # (B, T, C) -> (B, T, V)
         loss = cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def hidden_states(self, idx, cache=None):
-        """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or a reward head) reads."""
+    def hidden_states(self, idx, cache=None, pad_mask=None):
+        """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or score_head) reads.
+
+        Padding. Prompts of different lengths are batched by left-padding them (data.left_pad), with
+        pad_mask (B, T) True on real tokens. Then each row must compute exactly what it would alone:
+        its position ids count its real tokens only (pos_ids below, for learned positions and RoPE
+        alike), and no query attends to a padded key. A padded query may attend to itself, so no row
+        of scores is all -inf: softmax of such a row is NaN, and att @ v would carry it into the real
+        tokens of the next layer (0 · NaN = NaN). The KV cache remembers which slots are padding.
+        Right padding needs no pad_mask: causal attention never looks to the right.
+        """
         B, T = idx.shape
-        pos = cache.pos if cache is not None else 0
-        assert pos + T <= self.config.block_size, f"sequence of {pos + T} tokens > block_size {self.config.block_size}"
+        start = cache.pos if cache is not None else 0  # cache slot of idx's first token
+        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        mask = None  # plain causal attention
+        if pad_mask is None and (cache is None or cache.real is None):
+            pos_ids = torch.arange(start, start + T, device=idx.device)               # (T,)
+            if start > 0 and T > 1:  # several new tokens after a cached prefix: causal within them
+                mask = self.blocks[0].attn.causal_mask[start:start + T, :start + T]  # (T, Tk)
+        else:
+            real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            if cache is not None:
+                if cache.real is None:  # every slot filled so far held a real token
+                    cache.real = torch.ones(B, self.config.block_size, dtype=torch.bool, device=idx.device)
+                cache.real[:, start:start + T] = real
+                seen = cache.real[:, :start].sum(1, keepdim=True)  # (B, 1) real tokens before idx
+                key_real = cache.real[:, :start + T]                 # (B, Tk)
+            else:
+                seen, key_real = 0, real
+            pos_ids = (seen + real.cumsum(1) - 1).clamp(min=0)     # (B, T): 0, 1, 2.. over real tokens
+            slots = torch.arange(start + T, device=idx.device)
+            is_self = slots[None, :] == slots[start:, None]         # (T, Tk): the query's own slot
+            causal = self.blocks[0].attn.causal_mask[start:start + T, :start + T]
+            mask = ((causal & key_real[:, None, :]) | is_self).unsqueeze(1)  # (B, T, Tk) -> (B, 1, T, Tk)
         x = self.tok_emb(idx)                                    # (B, T) -> (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.pos_emb(pos_ids)                        # (T, C) or (B, T, C), broadcast over B
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+        rope = None
+        if self.pos_emb is None:
+            cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (T, D/2) or (B, T, D/2)
+            rope = (cos, sin) if pos_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # broadcast over H
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
+
+    def scores(self, idx, pad_mask=None):
+        """The score head at every position, (B, T) in fp32: a value model's V(s_t) per token; a reward
+        model's score of a whole sequence is the one at its last real token (last_token)."""
+        return self.score_head(self.hidden_states(idx, pad_mask=pad_mask)).squeeze(-1).float()  # (B, T, 1) -> (B, T)
+
+    def logprobs_of(self, idx, targets, pad_mask=None, entropy=False):
+        """log p(targets[t] | idx[:t+1]) per position, (B, T) in fp32, 0 where targets is IGNORE_INDEX
+        (see token_logprobs); with entropy=True also the entropy of each predicted distribution, (B, T).
+
+        lm_head runs only from the first position where some row has a target: DPO and PPO score the
+        response, and a long prompt then costs no (B, Tp, V) logits.
+        """
+        h = self.hidden_states(idx, pad_mask=pad_mask)                         # (B, T, C)
+        first = int((targets != IGNORE_INDEX).any(0).int().argmax())          # first column with a target
+        logits = self.lm_head(h[:, first:])                                    # (B, T - first, V)
+        logprobs = F.pad(token_logprobs(logits, targets[:, first:]), (first, 0))  # (B, T)
+        if not entropy:
+            return logprobs
+        ent = F.pad(entropy_from_logits(logits), (first, 0)) * (targets != IGNORE_INDEX)
+        return logprobs, ent
 
     # -------------------------------------------------------------------------
     # Generation
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               stop_token=None, use_cache=True, generator=None):
+               stop_token=None, use_cache=True, generator=None, pad_mask=None):
         """Yield the next token for every row, one (B, 1) tensor per step; see generate()."""
         cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= self.config.block_size:
                 if cache is None:  # prefill: run the whole prompt once and keep its keys/values
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    h = self.hidden_states(idx, cache)
+                    # the cache holds what attention computes in: bf16 under bf16 autocast, half of fp32
+                    dev = idx.device.type
+                    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+                    cache = KVCache(self.config, idx.size(0), idx.device, dtype)
+                    h = self.hidden_states(idx, cache, pad_mask)
                 else:              # decode: only the newest token goes through the network
                     h = self.hidden_states(idx[:, -1:], cache)
             else:
                 # no cache, or the sequence outgrew block_size: recompute over the last block_size
                 # tokens (positions shift, so cached keys would be wrong from here on)
-                h = self.hidden_states(idx[:, -self.config.block_size:])
+                window = slice(-self.config.block_size, None)
+                h = self.hidden_states(idx[:, window], pad_mask=pad_mask[:, window] if pad_mask is not None else None)
             logits = self.lm_head(h[:, -1, :])  # (B, V): only the last position predicts the next token
             next_tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:  # rows that already stopped keep emitting stop_token
                 next_tok = next_tok.masked_fill(done.unsqueeze(1), stop_token)
                 done = done | (next_tok.squeeze(1) == stop_token)
             idx = torch.cat([idx, next_tok], dim=1)
+            if pad_mask is not None:  # generated tokens are real
+                pad_mask = F.pad(pad_mask, (0, 1), value=True)
             yield next_tok
             if bool(done.all()):
                 return
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_token=None, use_cache=True, generator=None):
+                 stop_token=None, use_cache=True, generator=None, pad_mask=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T) and return (B, T + new).
 
         temperature 0 means greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
         smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2020). With
         stop_token, generation ends once every row has produced it; rows that stopped earlier are
-        padded with stop_token.
+        padded with stop_token. Prompts of different lengths: left-pad them and pass pad_mask (B, T),
+        True on real tokens (data.left_pad); each row then gets what it would get alone.
         """
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator,
+                               pad_mask))
         return torch.cat([idx, *new], dim=1)
 
     # -------------------------------------------------------------------------
@@ -465,14 +560,57 @@ def _read_hf_weights(path):
 # Losses and sampling
 
 
-def cross_entropy(logits, targets):
-    """Causal-LM loss: the mean over positions t with y_t != IGNORE_INDEX of
-        −log softmax(z_t)[y_t] = log Σ_j exp(z_t,j) − z_t,y_t
-    Shape: logits z (B, T, V), targets y (B, T). Computed in fp32; a batch with no target gives 0, not NaN.
+def token_logprobs(logits, targets):
+    """log p(y_t | x_≤t) = z_t,y_t − log Σ_j exp(z_t,j) at every position, (B, T) in fp32; 0 where y_t
+    is IGNORE_INDEX. Shape: logits z (B, T, V), targets y (B, T).
+
+    One fused log-softmax + gather (F.cross_entropy with no reduction is exactly −this), so no
+    (B, T, V) log-probability tensor is kept. DPO sums these over response tokens; PPO uses each.
     """
     V = logits.size(-1)
-    total = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    nll = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(targets.shape)
+
+
+def cross_entropy(logits, targets):
+    """Causal-LM loss: the mean over positions t with y_t != IGNORE_INDEX of −log p(y_t | x_≤t)
+    (token_logprobs). Shape: logits (B, T, V), targets (B, T). fp32; a batch with no target gives 0, not NaN."""
+    return -token_logprobs(logits, targets).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def entropy_from_logits(logits):
+    """H(p) = −Σ_j p_j log p_j = log Σ_j exp(z_j) − Σ_j p_j z_j per position: (B, T, V) -> (B, T), fp32."""
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - (z.softmax(-1) * z).sum(-1)
+
+
+def masked_mean(x, mask, dim=None):
+    """Σ x·m / Σ m: the mean of x over the positions where mask is True (all of them, or along dim).
+    PPO averages per-token losses this way so that padding adds nothing."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x − mean) / std over the True positions of mask, 0 elsewhere (PPO's advantage normalisation).
+    shift_mean=False adds the mean back: a reward's scale is normalised but its sign kept (Huang et al.
+    2024, detail 19). The variance is the plain (biased) mean of squares."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white * mask
+
+
+def last_token(x, pad_mask):
+    """x (B, T) at each row's last real token (the last True of pad_mask (B, T)) -> (B,). A reward
+    model's score of prompt + response is the one read there; works for right or no padding."""
+    T = pad_mask.size(1)
+    last = T - 1 - pad_mask.flip(1).int().argmax(1)  # (B,) index of the last True
+    return x.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -529,10 +667,8 @@ def load_model(init_from, map_location="cpu"):
     path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, map_location)
-        if "model" not in ckpt and "lora" in ckpt:  # adapter-only: A, B and the identity of their base
-            import lora
+        if "model" not in ckpt and "lora" in ckpt:  # adapter-only: what trained, and the identity of its base
             model, base = load_model(ckpt["base"], map_location)
-            model.resize_vocab(ckpt.get("vocab_size", model.config.vocab_size))  # as the training stage did
             lora.merge_lora(lora.load_lora(model, ckpt))  # refuses a base with other weights
             return model, {**base, "model_config": asdict(model.config), "step": ckpt["step"],
                            "chat": ckpt.get("chat", base.get("chat", False))}
@@ -607,16 +743,78 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type=
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+def optimizer_step(optimizer, scaler, lr, grad_clip=0.0):
+    """One update from the gradients that backward() left: set the learning rate, unscale them (fp16),
+    clip their global norm to grad_clip (0 = no clipping), step, and zero them. Returns the norm before
+    clipping, for the log; with fp16, inf or NaN means the scaler skipped this step and lowers its scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def check_finite(loss, step, ckpt_path):
+    """Stop the run with a one-line error when the loss is NaN or inf: the steps after it would only
+    spoil the weights, and the last checkpoint written is still good."""
+    if not math.isfinite(loss):
+        sys.exit(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint is {ckpt_path} "
+                 f"(try a lower --lr or --dtype float32)")
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (a log step, an evaluation) to path: log.jsonl is read by plotting scripts."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_state(optimizer, scaler, sampler, device):
+    """What --resume needs besides the weights to take the very next step the run would have taken:
+    the optimizer's moments, the loss scale, the data position and the random streams."""
+    return dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), sampler=sampler.state_dict(),
+                rng=rng_state(device))
+
+
+def restore_training_state(ckpt, optimizer, scaler, sampler):
+    """Load what training_state saved, except the random streams (set_rng_state, called last, so that
+    no set-up work draws from them after). Returns the step to continue from."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    return ckpt["step"]
+
+
+def resume_args(args, saved_args, names, log=print):
+    """On --resume the model must be the one that was trained: take the flags in names (LoRA rank,
+    targets, ...) from the checkpoint's args, and say so where the command line asked for another value."""
+    for name in names:
+        if getattr(args, name) != saved_args[name]:
+            log(f"--resume: --{name.replace('_', '-')} {saved_args[name]} from the checkpoint "
+                f"(the command line gave {getattr(args, name)})")
+            setattr(args, name, saved_args[name])
+
+
 @dataclass
 class Runtime:
     """Where and how this process computes: device, precision, and its place in a torchrun job."""
     device: torch.device
     dtype: torch.dtype
-    autocast: object      # a context manager: torch.autocast, or a no-op in fp32
     scaler: object        # torch.amp.GradScaler, active only for fp16
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+
+    def autocast(self):
+        """A fresh context for one `with` block: matmuls in low precision, weights and optimizer state
+        stay fp32; a no-op in fp32. Fresh each time because one torch.autocast object cannot nest:
+        re-entering it overwrites the state it restores on exit, and autocast stays on after both."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     @property
     def ddp(self):
@@ -652,10 +850,6 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
         if device.type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if dtype == torch.float32:
-        autocast = contextlib.nullcontext()
-    else:  # matmuls in low precision, weights and optimizer state stay fp32
-        autocast = torch.autocast(device_type=device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # fp16 gradients underflow without it
     if device.type == "cpu" and sys.platform.startswith("linux"):
         # glibc serves every allocation over 32 MB (the (B*T, V) logits and their gradient) with a
@@ -670,7 +864,7 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
             libc.mallopt(-1, -1)
     random.seed(seed)
     torch.manual_seed(seed)
-    return Runtime(device, dtype, autocast, scaler, rank, local_rank, world)
+    return Runtime(device, dtype, scaler, rank, local_rank, world)
 
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; checked in order, so

@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import FAMILIES, GPT, GPTConfig, GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, \
-    peak_flops, rng_state, save_checkpoint, set_rng_state, setup_runtime
+from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
+    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, save_checkpoint, set_rng_state, \
+    setup_runtime, training_state
 
 
 def get_args(argv=None):
@@ -139,10 +140,7 @@ def main(argv=None):
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
     step = 0
     if ckpt is not None:  # everything that decides the next step: weights, moments, RNGs, data position
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rt.scaler.load_state_dict(ckpt["scaler"])
-        train.load_state_dict(ckpt["sampler"])
-        step = ckpt["step"]
+        step = restore_training_state(ckpt, optimizer, rt.scaler, train)
         log(f"resuming from {ckpt_path} at step {step}")
     raw_model = model  # saved and evaluated; the compiled / DDP wrappers below only train
     if args.compile and rt.device.type != "mps":  # MPS has no compile backend worth using yet
@@ -156,13 +154,12 @@ def main(argv=None):
         if not rt.master:
             return
         save_checkpoint(ckpt_path, model=raw_model.state_dict(), model_config=asdict(config), tokenizer=tokenizer,
-                        args=vars(args), step=step, optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(),
-                        sampler=train.state_dict(), rng=rng_state(rt.device), stage="pretrain")
+                        args=vars(args), step=step, stage="pretrain",
+                        **training_state(optimizer, rt.scaler, train, rt.device))
 
     def write_log(record):
         if rt.master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(log_path, record)
 
     @torch.no_grad()
     def evaluate():
@@ -171,14 +168,14 @@ def main(argv=None):
         raw_model.eval()
         nats, n_tokens, n_bytes = 0.0, 0, 0
         for x, y in val.eval_batches(args.eval_batches):
-            with rt.autocast:
+            with rt.autocast():
                 _, loss = raw_model(x, y)
             nats += loss.item() * y.numel()
             n_tokens += y.numel()
             n_bytes += byte_lengths[y].sum().item()
         prompt = torch.tensor([data.encode(enc, args.sample_prompt) or [enc.eot_token]], device=rt.device)
         g = torch.Generator(device=rt.device).manual_seed(0)  # its own RNG: sampling must not move training's
-        with rt.autocast:
+        with rt.autocast():
             out = raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=g)
         raw_model.train()
         return nats / n_tokens, nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
@@ -205,30 +202,21 @@ def main(argv=None):
                 break
 
             lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             loss_sum = torch.zeros((), device=rt.device)
             for micro, (x, y) in enumerate(train.next(args.grad_accum, rt.rank, rt.world_size)):
                 # DDP averages gradients across processes during backward; doing that on every
                 # micro-batch would waste bandwidth, so only the last one synchronises
                 sync = micro == args.grad_accum - 1
-                with (model.no_sync() if rt.ddp and not sync else nullcontext()), rt.autocast:
+                with (model.no_sync() if rt.ddp and not sync else nullcontext()), rt.autocast():
                     _, loss = model(x, y)
                     # the gradient of a mean over all micro-batches: divide each one's loss
                     rt.scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
-            if args.grad_clip > 0:
-                rt.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, rt.scaler, lr, args.grad_clip)
             if rt.ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             train_loss = loss_sum.item() / args.grad_accum
-            if not math.isfinite(train_loss):
-                sys.exit(f"error: loss is {train_loss} at step {step}; stopping. The last good checkpoint is "
-                         f"{ckpt_path} (try a lower --lr or --dtype float32)")
+            check_finite(train_loss, step, ckpt_path)
             step += 1
             metrics["train/loss"] = train_loss
 
@@ -238,10 +226,10 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
             if step % args.log_every == 0 or step == 1:
-                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms"
-                    f" | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
-                write_log({"step": step, "train/loss": train_loss, "lr": lr, "dt_ms": dt * 1000,
-                           "tok_per_s": tok_s, "mfu": mfu})
+                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.1e} | grad norm {grad_norm:.2f}"
+                    f" | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
+                write_log({"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                           "dt_ms": dt * 1000, "tok_per_s": tok_s, "mfu": mfu})
             if stop.requested or step == args.stop_at:
                 checkpoint()
                 stopped_early = True

@@ -103,14 +103,14 @@ def main(argv=None):
             messages.append({"role": "user", "content": user})
             ids, _ = data.render_chat(enc, messages, add_generation_prompt=True)
             print("assistant> ", end="", flush=True)
-            with rt.autocast:
-                replies.append(stream_reply(model, enc, ids, args, temperature, enc._special_tokens["<|end|>"]))
+            with rt.autocast():
+                replies.append(stream_reply(model, enc, ids, args, temperature, data.special_id(enc, "<|end|>")))
             messages.append({"role": "assistant", "content": replies[-1]})
         return replies
 
     if is_chat:  # one user turn; the reply ends at <|end|>
         ids, _ = data.render_chat(enc, system + [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stop = enc._special_tokens["<|end|>"]
+        stop = data.special_id(enc, "<|end|>")
     else:        # plain continuation; an empty prompt starts a new document
         ids, stop = data.encode(enc, prompt) or [enc.eot_token], enc.eot_token
     if args.ignore_eot:
@@ -121,7 +121,7 @@ def main(argv=None):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples}")
         print(prompt if not is_chat else f"{prompt}\n> ", end="", flush=True)
-        with rt.autocast:
+        with rt.autocast():
             completions.append(stream_reply(model, enc, ids, args, temperature, stop))
     return completions
 

@@ -42,9 +42,10 @@ import torch
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_config, lora_state_dict, merge_lora
-from model import IGNORE_INDEX, GracefulStop, configure_optimizer, get_lr, load_checkpoint, load_model, rng_state, \
-    save_checkpoint, set_rng_state, setup_runtime
+from lora import DEFAULT_TARGETS, adapter_checkpoint, apply_lora, base_fingerprint, load_lora, merge_lora
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
+    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_checkpoint, set_rng_state, \
+    setup_runtime, training_state
 
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
 EVAL_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
@@ -129,29 +130,32 @@ def main(argv=None):
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume:  # the model must be the one that was trained, whatever the command line says now
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log)
 
     # ---- model: the base, room for the chat tokens, then LoRA if asked ----------------------------
     try:
-        model, src = load_model(resume["args"]["init_from"] if resume else args.init_from)
+        model, src = load_model(args.init_from)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --init-from: {e}")
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
-    if any(t not in enc._special_tokens for t in data.CHAT_TOKENS):
+    try:
+        chat_ids = [data.special_id(enc, t) for t in data.CHAT_TOKENS]
+    except data.DataError:
         sys.exit(f"error: the tokenizer of {args.init_from} has no chat tokens {data.CHAT_TOKENS}")
-    model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
+    fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded, before any change
+    if args.lora_r and resume:  # the adapter of the interrupted run goes back onto the same base
+        load_lora(model, resume["adapter"])
+    else:
+        model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
+        if args.lora_r:
+            # the chat tokens' embedding rows train too: a base model never read them, and with a
+            # frozen <|end|> row it could not learn to end its replies
+            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, train_rows=chat_ids)
+        elif resume:
+            model.load_state_dict(resume["model"])
     config = model.config
-    fingerprint = None
-    if args.lora_r > 0:
-        if resume:  # the adapter of the interrupted run goes back onto the same base
-            load_lora(model, {"lora": resume["lora"], "lora_config": resume["lora_config"],
-                              "base_fingerprint": resume["base_fingerprint"]})
-            fingerprint = resume["base_fingerprint"]
-        else:
-            fingerprint = base_fingerprint(model)
-            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    elif resume:
-        model.load_state_dict(resume["model"])
     model.to(rt.device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -193,28 +197,23 @@ def main(argv=None):
     optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
     step = 0
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        train.load_state_dict(resume["sampler"])
-        step = resume["step"]
+        step = restore_training_state(resume, optimizer, rt.scaler, train)
         log(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint():
         """OUT/ckpt.pt holds the full model with LoRA merged into a copy, so it loads like any
-        checkpoint; a LoRA run also keeps A and B there (for --resume) and in OUT/adapter.pt."""
+        checkpoint; a LoRA run also keeps its adapter there (for --resume) and in OUT/adapter.pt."""
         full = merge_lora(copy.deepcopy(model)) if args.lora_r else model
         state = dict(model=full.state_dict(), model_config=asdict(config), tokenizer=tokenizer, args=vars(args),
-                     step=step, stage="sft", chat=True, optimizer=optimizer.state_dict(), sampler=train.state_dict(),
-                     rng=rng_state(rt.device))
-        if args.lora_r:
-            adapter = dict(lora=lora_state_dict(model), lora_config=lora_config(model), base_fingerprint=fingerprint,
-                           base=args.init_from, vocab_size=config.vocab_size, chat=True, step=step)  # tokenizer: the base's
-            save_checkpoint(os.path.join(args.out, "adapter.pt"), **adapter)
-            state.update(lora=adapter["lora"], lora_config=adapter["lora_config"], base_fingerprint=fingerprint)
+                     step=step, stage="sft", chat=True, **training_state(optimizer, rt.scaler, train, rt.device))
+        if args.lora_r:  # the adapter's tokenizer is its base's
+            state["adapter"] = adapter_checkpoint(model, args.init_from, fingerprint, model_config=asdict(config),
+                                                  chat=True, step=step)
+            save_checkpoint(os.path.join(args.out, "adapter.pt"), **state["adapter"])
         save_checkpoint(ckpt_path, **state)
 
     def write_log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(log_path, record)
 
     @torch.no_grad()
     def evaluate():
@@ -223,16 +222,16 @@ def main(argv=None):
         nats, n_tokens = 0.0, 0
         for i in range(0, len(val_examples), args.batch_size):
             x, y = data.pad_batch(val_examples[i:i + args.batch_size], pad)
-            with rt.autocast:
+            with rt.autocast():
                 _, loss = model(x.to(rt.device), y.to(rt.device))
             n = (y != IGNORE_INDEX).sum().item()
             nats, n_tokens = nats + loss.item() * n, n_tokens + n
         answers = []
         for prompt in EVAL_PROMPTS:
             ids, _ = data.render_chat(enc, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-            with rt.autocast:
+            with rt.autocast():
                 out = model.generate(torch.tensor([ids], device=rt.device), 48, temperature=0,
-                                     stop_token=enc._special_tokens["<|end|>"])
+                                     stop_token=data.special_id(enc, "<|end|>"))
             answers.append(data.decode(enc, [t for t in out[0, len(ids):].tolist() if t < enc.eot_token]))
         model.train()
         return nats / max(1, n_tokens), answers
@@ -253,8 +252,7 @@ def main(argv=None):
                 log(f"step {step}/{args.max_steps} | val loss {val_loss:.4f} (per reply token)")
                 for prompt, answer in zip(EVAL_PROMPTS, answers):
                     log(f"  Q: {prompt}\n  A: {answer}")
-                    with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}) + "\n")
+                    append_jsonl(os.path.join(args.out, "samples.jsonl"), {"step": step, "prompt": prompt, "answer": answer})
                 write_log({"step": step, "val/loss": val_loss})
                 if step > 0:
                     checkpoint()
@@ -263,26 +261,18 @@ def main(argv=None):
                 break
 
             step_lr = get_lr(step, lr, args.warmup_steps, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
             loss_sum, n_tokens = 0.0, 0
             for _ in range(args.grad_accum):
                 batch = train.next()
                 x, y = data.pad_batch(batch, pad)
                 n_tokens += sum(len(ids) - 1 for ids, _ in batch)  # real tokens, padding not counted
-                with rt.autocast:
+                with rt.autocast():
                     _, loss = model(x.to(rt.device), y.to(rt.device))
                 rt.scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.item()
-            if args.grad_clip > 0:
-                rt.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, rt.scaler, step_lr, args.grad_clip)
             train_loss = loss_sum / args.grad_accum
-            if not math.isfinite(train_loss):
-                sys.exit(f"error: loss is {train_loss} at step {step}; stopping. The last good checkpoint is {ckpt_path}")
+            check_finite(train_loss, step, ckpt_path)
             step += 1
             metrics["train/loss"] = train_loss
 
@@ -291,10 +281,10 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tokens / dt:,.0f}")
             if step % args.log_every == 0 or step == 1:
-                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {step_lr:.1e} | {dt * 1000:.0f} ms"
-                    f" | {n_tokens / dt:,.0f} tok/s")
-                write_log({"step": step, "train/loss": train_loss, "lr": step_lr, "dt_ms": dt * 1000,
-                           "tok_per_s": n_tokens / dt})
+                log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr {step_lr:.1e} | grad norm {grad_norm:.2f}"
+                    f" | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s")
+                write_log({"step": step, "train/loss": train_loss, "lr": step_lr, "grad_norm": grad_norm,
+                           "dt_ms": dt * 1000, "tok_per_s": n_tokens / dt})
             if stop.requested or step == args.stop_at:
                 checkpoint()
                 stopped_early = True

@@ -115,7 +115,7 @@ def train_steps(run, n_steps, grad_clip):
     sync(rt.device)
     t0 = time.perf_counter()
     for _ in range(n_steps):
-        with rt.autocast:
+        with rt.autocast():
             _, loss = model(x, y)
         rt.scaler.scale(loss).backward()
         if grad_clip > 0:

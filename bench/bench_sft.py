@@ -59,7 +59,7 @@ def one_config(args):
     x = torch.randint(0, 50257, (args.batch_size, args.block_size), device=rt.device)
 
     def step():
-        with rt.autocast:
+        with rt.autocast():
             _, loss = model(x, x)
         rt.scaler.scale(loss).backward()
         rt.scaler.step(optimizer)
@@ -108,7 +108,7 @@ def packing_vs_padding(args):
             for batch in bs[:n_batches]:
                 x, y = data.pad_batch(batch, enc.eot_token)
                 slots += x.numel()
-                with rt.autocast:
+                with rt.autocast():
                     _, loss = model(x.to(rt.device), y.to(rt.device))
                 loss.backward()
                 optimizer.step()

@@ -1,11 +1,14 @@
 """Tests for data.py: the offline GPT-2 tokenizer, the token cache built by prepare_tokens, the
-DataError messages for bad input, and BatchSampler's windows, reproducibility and DDP slicing.
+DataError messages for bad input, BatchSampler's windows, reproducibility and DDP slicing, the
+chat template and SFT length policy, and the preference-pair, prompt and padding helpers.
 
-Everything runs offline on small files under tmp_path. Run: python -m pytest tests/test_data.py
+Everything runs offline on small files under tmp_path, plus one test on the real preference files
+in ../shared/data (skipped without them). Run: python -m pytest tests/test_data.py
 """
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from data import DataError
 from model import IGNORE_INDEX as IGNORE
 
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 # accents (precomposed and combining), CJK, emoji (with a ZWJ sequence), curly quotes, CRLF, tab
 TRICKY_TEXTS = ["café naïve Ångström", "e\u0301 a\u0308 (combining marks)", "日本語のテキスト 中文",
@@ -278,7 +283,8 @@ def test_three_record_formats_become_the_same_messages():
     chat = data.to_messages({"messages": [{"role": "user", "content": "Add.\n\n2 and 3"},
                                           {"role": "assistant", "content": "5"}]}, "x")
     plain = data.to_messages({"prompt": "Add.\n\n2 and 3", "completion": "5"}, "x")
-    assert alpaca == chat == plain
+    listed = data.to_messages({"prompt": [{"role": "user", "content": "Add.\n\n2 and 3"}], "completion": "5"}, "x")
+    assert alpaca == chat == plain == listed
     no_input = data.to_messages({"instruction": "Say hi.", "input": "", "output": "hi"}, "x")
     assert no_input[0]["content"] == "Say hi."  # an empty Alpaca input adds nothing
 
@@ -287,6 +293,7 @@ def test_three_record_formats_become_the_same_messages():
     ('{"question": "q", "answer": "a"}', "fits none of Alpaca"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "'messages' must be a list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"instruction": "Say hi."}', "no assistant message"),  # fine as a PPO prompt, not as SFT data
     ('[1, 2]', "not a JSON object"),
     ('{"prompt": "p", "completion"', "not valid JSON"),
 ])
@@ -357,3 +364,240 @@ def test_packing_keeps_examples_whole_and_in_order():
     rows = data.pack_examples(examples, block_size=5, pad_id=0)  # rows of 6 tokens
     assert rows == [([1, 2, 3, 4, 5, 0], [IGNORE, 2, 3, IGNORE, 5, IGNORE]),
                     ([6, 7, 8, 9, 0, 0], [IGNORE, IGNORE, 8, 9, IGNORE, IGNORE])]
+
+
+def fit_to_length_before_rewrite(ids, labels, max_len, policy="truncate"):
+    """fit_to_length as it was before the one-scan rewrite (commit bac143a): quadratic in the worst case."""
+    if len(ids) <= max_len:
+        return ids, labels, "kept"
+    if policy == "truncate":
+        last_prompt = max(i for i, label in enumerate(labels) if label == IGNORE and
+                          any(lab != IGNORE for lab in labels[i + 1:]))  # the <|assistant|> of the last reply
+        if len(ids) - last_prompt <= max_len:
+            return ids[-max_len:], labels[-max_len:], "truncated"
+    return None, None, "dropped"
+
+
+def test_fit_to_length_matches_the_old_definition(enc):
+    turn = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
+    multi_turn = data.render_chat(enc, [{"role": "system", "content": "Be brief."}] + turn + turn)
+    trailing = data.render_chat(enc, turn + [{"role": "user", "content": "And three?"}], add_generation_prompt=True)
+    hand = (list(range(10)), [IGNORE, IGNORE, 2, 3, IGNORE, IGNORE, IGNORE, 7, IGNORE, IGNORE])
+    for ids, labels in (multi_turn, trailing, hand):
+        for max_len in range(1, len(ids) + 2):  # from too long to keep, through truncated, to kept
+            assert data.fit_to_length(ids, labels, max_len) == fit_to_length_before_rewrite(ids, labels, max_len)
+    # hand: the last reply is token 7, opened by the prompt token at 6; 10 - 6 = 4 tokens must fit
+    assert data.fit_to_length(*hand, 4) == (hand[0][-4:], hand[1][-4:], "truncated")
+    assert data.fit_to_length(*hand, 3) == (None, None, "dropped")
+    # trailing: the prompt after the reply (user turn + <|assistant|>) is kept with it, so it must fit too
+    n_after = len(data.encode(enc, "And three?")) + 3  # <|user|> ... <|end|> <|assistant|>
+    reply = len(data.encode(enc, "Four.")) + 1          # ... <|end|>
+    need = 1 + reply + n_after                          # the reply's <|assistant|> marker, reply, what follows
+    assert data.fit_to_length(*trailing, need)[2] == "truncated"
+    assert data.fit_to_length(*trailing, need - 1)[2] == "dropped"
+
+
+def test_fit_to_length_is_fast_on_a_long_many_turn_example(enc):
+    turns = [{"role": r, "content": f"turn {i} " + "word " * 12} for i in range(180) for r in ("user", "assistant")]
+    ids, labels = data.render_chat(enc, turns)
+    assert len(ids) > 6000
+    start = time.perf_counter()
+    out_ids, out_labels, what = data.fit_to_length(ids, labels, 1024)
+    assert time.perf_counter() - start < 0.5  # one scan: microseconds; generous for a busy machine
+    assert (what, out_ids, out_labels) == ("truncated", ids[-1024:], labels[-1024:])
+    assert fit_to_length_before_rewrite(ids, labels, 1024) == (out_ids, out_labels, what)
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs, prompts, padding
+
+
+def test_special_id_and_a_tokenizer_without_the_token(enc):
+    assert [data.special_id(enc, t) for t in data.CHAT_TOKENS] == [50257, 50258, 50259, 50260]
+    assert data.special_id(enc, data.EOT) == enc.eot_token
+    plain = tiktoken_without_chat_tokens(enc)
+    with pytest.raises(DataError, match=r"has no special token <\|end\|>") as err:
+        data.special_id(plain, "<|end|>")
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no special token"):
+        data.special_id(enc, "hello")  # an ordinary token's text is not a special token
+
+
+def tiktoken_without_chat_tokens(enc):
+    """GPT-2's encoding with only <|endoftext|>, as a checkpoint from before the chat tokens would have."""
+    import tiktoken
+    return tiktoken.Encoding(name="gpt2-plain", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                             special_tokens={data.EOT: enc.eot_token})
+
+
+def write_jsonl(path, *records):
+    """Write each record as one JSON line (a str is written as the line itself); returns path as str."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+USER_Q = [{"role": "user", "content": "Is the sky blue?"}]
+ASSISTANT = [{"role": "assistant", "content": "Yes."}]
+# the same pair, "Is the sky blue?" -> chosen "Yes." / rejected "No.", in every format read
+SAME_PAIR = {
+    "plain strings": {"prompt": "Is the sky blue?", "chosen": "Yes.", "rejected": "No."},
+    "plain messages": {"prompt": USER_Q, "chosen": ASSISTANT, "rejected": [{"role": "assistant", "content": "No."}]},
+    "hh split": {"prompt": "\n\nHuman: Is the sky blue?\n\nAssistant:", "chosen": " Yes.", "rejected": " No."},
+    "hh whole": {"chosen": "\n\nHuman: Is the sky blue?\n\nAssistant: Yes.",
+                 "rejected": "\n\nHuman: Is the sky blue?\n\nAssistant: No."},
+    "openai": {"input": {"messages": USER_Q}, "preferred_output": ASSISTANT,
+               "non_preferred_output": [{"role": "assistant", "content": "No."}]},
+}
+
+
+def test_every_preference_format_gives_the_same_pair(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", *SAME_PAIR.values())
+    pairs, counts = data.read_preference_pairs(path)
+    assert counts == {"read": 5, "kept": 5, "identical": 0, "empty": 0}
+    assert pairs == [{"prompt": USER_Q, "chosen": "Yes.", "rejected": "No."}] * 5
+
+
+def test_hh_transcripts_become_chat_turns():
+    transcript = "\n\nHuman:  Hi there \n\nAssistant: Hello!\n  \n\nHuman: Name a colour.\n\nAssistant:"
+    turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Name a colour."}]
+    assert data.hh_messages(transcript) == turns + [{"role": "assistant", "content": ""}]
+    split = data.to_pair({"prompt": transcript, "chosen": " Red.\n", "rejected": " No."}, "x")
+    whole = data.to_pair({"chosen": transcript + " Red.\n", "rejected": transcript + " No."}, "x")
+    assert split == whole == {"prompt": turns, "chosen": "Red.", "rejected": "No."}
+    # OpenAI's system message stays in the prompt
+    system = [{"role": "system", "content": "Be kind."}]
+    pair = data.to_pair({"input": {"messages": system + USER_Q}, "preferred_output": ASSISTANT,
+                         "non_preferred_output": [{"role": "assistant", "content": "No."}]}, "x")
+    assert pair["prompt"] == system + USER_Q
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl",
+                       {"prompt": "q", "chosen": "a", "rejected": "b"},
+                       {"prompt": "q", "chosen": " same ", "rejected": "same"},             # identical after strip
+                       {"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " ", "rejected": " b"},  # HH's " " reply
+                       {"prompt": "q", "chosen": "a", "rejected": "\n\t"},                 # whitespace only
+                       {"prompt": "q", "chosen": "", "rejected": ""},                      # empty counts first
+                       "",                                                                  # blank lines are not records
+                       {"prompt": "q2", "chosen": "c", "rejected": "d"})
+    pairs, counts = data.read_preference_pairs(path)
+    assert counts == {"read": 6, "kept": 2, "identical": 1, "empty": 3}
+    assert [p["chosen"] for p in pairs] == ["a", "c"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "q", "chosen": "a"', "not valid JSON"),
+    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "invalid UTF-8"),
+    ({"question": "q", "answer": "a"}, "fits none of prompt/chosen/rejected"),
+    (["q", "a", "b"], "not a JSON object"),
+    ({"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}, "must end with a user turn"),
+    ({"prompt": USER_Q + ASSISTANT, "chosen": "a", "rejected": "b"}, "must end with a user turn"),
+    ({"input": {"messages": [{"role": "system", "content": "s"}]}, "preferred_output": [], "non_preferred_output": []},
+     "'input.messages' must end with a user turn"),
+    ({"input": {"messages": USER_Q}, "preferred_output": "a", "non_preferred_output": [{"role": "user", "content": "b"}]},
+     "'non_preferred_output' must be a string or"),
+    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "a", "rejected": "b"}, "'prompt' must be a list"),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
+     "do not share the prompt"),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b\n\nAssistant: c"},
+     "do not share the prompt"),  # the last "Assistant:" of each is in a different place
+])
+def test_bad_preference_records_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    raw = line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()
+    path.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + raw + b"\n")
+    with pytest.raises(DataError, match=message) as err:
+        data.read_preference_pairs(str(path))
+    assert str(err.value).startswith(f"{path}:2: ")
+    assert "\n" not in str(err.value)
+
+
+def test_readers_reject_empty_and_non_jsonl_files(tmp_path):
+    empty = write(tmp_path / "empty.jsonl", "\n \n")
+    for reader in (data.read_preference_pairs, data.read_prompts, data.read_chat_records):
+        with pytest.raises(DataError, match="file is empty") as err:
+            reader(empty)
+        assert str(err.value).startswith(empty + ": ")
+        with pytest.raises(DataError, match="must be a .jsonl file"):
+            reader(write(tmp_path / "pairs.json", "[]"))
+
+
+def test_render_pair_is_the_chat_template(enc):
+    system = [{"role": "system", "content": "Be brief."}]
+    pair = {"prompt": system + USER_Q, "chosen": "Yes, by day.", "rejected": "No."}
+    prompt_ids, chosen_ids, rejected_ids = data.render_pair(enc, pair)
+    for reply, reply_ids in (("Yes, by day.", chosen_ids), ("No.", rejected_ids)):
+        ids, labels = data.render_chat(enc, pair["prompt"] + [{"role": "assistant", "content": reply}])
+        assert prompt_ids + reply_ids == ids
+        assert reply_ids == [t for t in labels if t != IGNORE]  # the reply tokens are what SFT learns
+    assert prompt_ids[-1] == data.special_id(enc, "<|assistant|>")
+    assert chosen_ids[-1] == rejected_ids[-1] == data.special_id(enc, "<|end|>")
+
+
+def test_read_prompts_reads_every_format(tmp_path):
+    system = [{"role": "system", "content": "Be brief."}]
+    convo = system + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}] + USER_Q
+    path = write_jsonl(tmp_path / "prompts.jsonl",
+                       {"instruction": "Is the sky", "input": "blue?", "output": "Yes."},
+                       {"instruction": "Is the sky blue?"},                                  # Alpaca, no output
+                       {"messages": USER_Q + ASSISTANT},                                     # the reply is dropped
+                       {"messages": convo + ASSISTANT},                                      # only the last reply
+                       {"messages": system + USER_Q},                                        # prompt only, no reply
+                       {"prompt": "Is the sky blue?"},
+                       {"prompt": convo, "completion": "Yes."},
+                       *SAME_PAIR.values())
+    prompts = data.read_prompts(path)
+    assert prompts == ([[{"role": "user", "content": "Is the sky\n\nblue?"}], USER_Q, USER_Q, convo, system + USER_Q,
+                        USER_Q, convo] + [USER_Q] * len(SAME_PAIR))
+    with pytest.raises(DataError, match="no assistant message to learn from"):  # SFT still needs a reply
+        data.read_chat_records(write_jsonl(tmp_path / "sft.jsonl", {"messages": system + USER_Q}))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "system", "content": "s"}]}, "'messages' must end with a user turn"),
+    ({"messages": []}, "'messages' must end with a user turn"),
+    ({"question": "q"}, "fits none of Alpaca"),
+    ({"chosen": "a", "rejected": "b"}, "fits none of prompt/chosen/rejected"),
+])
+def test_bad_prompt_records_name_file_and_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": "ok"}, record)
+    with pytest.raises(DataError, match=message) as err:
+        data.read_prompts(path)
+    assert str(err.value).startswith(f"{path}:2: ")
+
+
+def test_left_pad_right_aligns_rows():
+    ids, pad_mask = data.left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert torch.equal(ids, torch.tensor([[5, 6, 7], [0, 0, 8], [0, 9, 10]]))
+    assert torch.equal(pad_mask, torch.tensor([[True, True, True], [False, False, True], [False, True, True]]))
+    assert ids.dtype == torch.long and pad_mask.dtype == torch.bool
+
+
+def test_pad_responses_marks_real_and_response_tokens():
+    ids, pad_mask, response_mask = data.pad_responses([([1, 2], [3, 4, 5]), ([6], [7]), ([8, 9, 10], [11])], 0)
+    assert torch.equal(ids, torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0], [8, 9, 10, 11, 0]]))
+    T, F = True, False
+    assert torch.equal(pad_mask, torch.tensor([[T, T, T, T, T], [T, T, F, F, F], [T, T, T, T, F]]))
+    assert torch.equal(response_mask, torch.tensor([[F, F, T, T, T], [F, T, F, F, F], [F, F, F, T, F]]))
+    assert ids.dtype == torch.long and pad_mask.dtype == response_mask.dtype == torch.bool
+
+
+def test_real_preference_files():
+    hh_path = os.path.join(SHARED_DATA, "hh_rlhf_harmless_test_2k.jsonl")
+    orca_path = os.path.join(SHARED_DATA, "orca_dpo_pairs_284.jsonl")
+    if not (os.path.isfile(hh_path) and os.path.isfile(orca_path)):
+        pytest.skip(f"{SHARED_DATA} does not hold the preference files")
+    pairs, counts = data.read_preference_pairs(orca_path)
+    assert counts == {"read": 284, "kept": 284, "identical": 0, "empty": 0}
+    assert all([m["role"] for m in p["prompt"]] == ["system", "user"] for p in pairs)
+    assert data.read_prompts(orca_path) == [p["prompt"] for p in pairs]
+
+    pairs, counts = data.read_preference_pairs(hh_path)
+    # 4 chosen replies are a single space (lines 87, 517, 926, 1104); no pair is identical
+    assert counts == {"read": 2000, "kept": 1996, "identical": 0, "empty": 4}
+    assert all(p["prompt"][0]["role"] == "user" and p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert all(m["content"] == m["content"].strip() and "\n\nHuman:" not in m["content"]
+               and "\n\nAssistant:" not in m["content"] for p in pairs for m in p["prompt"])
+    assert all(p["chosen"] == p["chosen"].strip() and p["chosen"] != p["rejected"] for p in pairs)
+    assert len(data.read_prompts(hh_path)) == 2000  # a prompt is still a prompt when its replies are not

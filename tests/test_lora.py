@@ -115,12 +115,12 @@ def test_adapter_file_is_orders_of_magnitude_smaller(tmp_path):
 
 def test_adapter_round_trip_and_fingerprint_check():
     base = tiny_model()
-    model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
-    fingerprint = base_fingerprint(base)
-    assert base_fingerprint(model) == fingerprint  # wrapping renames weights to .base.weight; same identity
-    model = train_a_few_steps(model)
-    adapter = {"lora": lora_state_dict(model), "lora_config": lora_config(model), "base_fingerprint": fingerprint}
-    assert adapter["lora_config"] == {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn.proj", "attn.qkv"]}
+    fingerprint = base_fingerprint(base)  # of the base as loaded, before any change
+    assert base_fingerprint(copy.deepcopy(base)) == fingerprint and base_fingerprint(tiny_model(seed=1)) != fingerprint
+    model = train_a_few_steps(apply_lora(copy.deepcopy(base), r=4, alpha=8))
+    adapter = lora.adapter_checkpoint(model, "base/dir", fingerprint)
+    assert adapter["lora_config"] == {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["attn.proj", "attn.qkv"],
+                                      "train_rows": [], "modules_to_save": []}
     x = torch.randint(0, 100, (2, 16))
     restored = load_lora(copy.deepcopy(base), adapter).eval()
     torch.testing.assert_close(restored(x)[0], model(x)[0], rtol=0, atol=0)
@@ -131,3 +131,107 @@ def test_adapter_round_trip_and_fingerprint_check():
 def test_targets_must_match_something():
     with pytest.raises(ValueError, match="no nn.Linear"):
         apply_lora(tiny_model(), r=4, alpha=8, targets=("attn.nonexistent",))
+
+
+def test_shared_weight_is_refused_as_a_target():
+    """lm_head's weight is the token embedding: merging B A into it would move every input embedding."""
+    with pytest.raises(ValueError, match="lm_head.*shared with.*tok_emb"):
+        apply_lora(tiny_model(), r=4, alpha=8, targets=("attn.qkv", "lm_head"))
+    untied = apply_lora(tiny_model(tie_embeddings=False), r=4, alpha=8, targets=("lm_head",))
+    assert isinstance(untied.lm_head, LoRALinear)  # a weight of its own may be adapted
+
+
+def test_lora_disabled_refuses_a_model_without_active_adapters():
+    with pytest.raises(ValueError, match="no active LoRA adapters"):
+        with lora_disabled(tiny_model()):
+            pass
+    merged = merge_lora(apply_lora(tiny_model(), r=4, alpha=8))
+    with pytest.raises(ValueError, match="no active LoRA adapters"):
+        with lora_disabled(merged):
+            pass
+
+
+def test_train_rows_only_those_rows_learn_and_round_trip(tmp_path):
+    base = tiny_model()
+    rows = [96, 97, 98, 99]  # say, the chat tokens
+    fingerprint = base_fingerprint(base)
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8, train_rows=rows)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if n.endswith(("lora_A", "lora_B"))} | {"tok_emb.rows"}
+    assert model.lm_head.rows is model.tok_emb.rows  # tied: one set of rows for input and output
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randint(0, 96, (4, 8), generator=g), torch.randint(96, 100, (4, 8), generator=g)], 1)
+    model = train_a_few_steps_on(model, x)
+    # the embedding itself never moved; the rows did
+    torch.testing.assert_close(model.tok_emb.base.weight, base.tok_emb.weight, rtol=0, atol=0)
+    assert (model.tok_emb.rows - base.tok_emb.weight[rows]).abs().max() > 1e-3
+    with lora_disabled(model):  # the reference model has the base rows too
+        torch.testing.assert_close(model(x)[0], base(x)[0], rtol=0, atol=0)
+    adapted = model(x)[0]
+    adapter = lora.adapter_checkpoint(model, "base/dir", fingerprint)
+    assert set(adapter["lora"]) >= {"tok_emb.rows"} and adapter["lora_config"]["train_rows"] == rows
+    restored = load_lora(copy.deepcopy(base), adapter).eval()
+    torch.testing.assert_close(restored(x)[0], adapted, rtol=0, atol=0)
+    merged = merge_lora(copy.deepcopy(model))
+    assert set(merged.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(merged(x)[0], adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged.tok_emb.weight[:96], base.tok_emb.weight[:96], rtol=0, atol=0)
+
+
+def train_a_few_steps_on(model, x, steps=5, lr=1e-2):
+    model.train()
+    opt = configure_optimizer(model, lr, 0.0)
+    for _ in range(steps):
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_score_head_stays_trainable_and_is_saved_with_the_adapter():
+    base = tiny_model()
+    fingerprint = base_fingerprint(base)
+    rm = copy.deepcopy(base).add_score_head()
+    apply_lora(rm, r=4, alpha=8, modules_to_save=("score_head",))
+    assert rm.score_head.weight.requires_grad and rm.score_head.bias.requires_grad
+    opt = configure_optimizer(rm, 1e-2, 0.0)
+    x = torch.randint(0, 100, (4, 8))
+    for _ in range(3):
+        (rm.scores(x)[:, -1] - torch.tensor([1.0, -1.0, 2.0, 0.0])).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    adapter = lora.adapter_checkpoint(rm, "base/dir", fingerprint, model_config={"score_head": True})
+    assert {"score_head.weight", "score_head.bias"} <= set(adapter["lora"])
+    restored = load_lora(copy.deepcopy(base), adapter)  # the base has no head: load_lora adds it
+    torch.testing.assert_close(restored.scores(x), rm.scores(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # a few seconds: sft.py trains a tiny model
+def test_lora_on_a_hugging_face_gpt2_learns_to_end_its_replies(tmp_path):
+    """A HF GPT-2 has 50,257 rows, so the chat tokens are new rows: they must start distinct and train
+    under LoRA, or <|end|> keeps the logit of every other new id and greedy decoding never emits it."""
+    import json
+
+    import data
+    import sft
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257, **FAMILIES["gpt2"])
+    hf = GPT(cfg)
+    with torch.no_grad():  # rows of a real GPT-2's size (norm ~3-4): at std 0.02 no logit could stand out
+        hf.tok_emb.weight.normal_(0, 1.0)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    questions = [f"Is {w} here?" for w in ["the cat", "a dog", "my hat", "the sun", "our car", "his pen"]]
+    path = tmp_path / "chat.jsonl"  # one short reply, so that the test is about stopping, not answering
+    path.write_text("".join(json.dumps({"instruction": q, "output": "Yes."}) + "\n" for q in questions * 4))
+    out = str(tmp_path / "sft")
+    sft.main(["--init-from", str(tmp_path / "hf"), "--data", str(path), "--out", out, "--lora-r", "8",
+              "--lora-targets", "attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "--lr", "3e-2", "--max-steps", "120",
+              "--batch-size", "8", "--eval-every", "120", "--val-fraction", "0.05", "--device", "cpu", "--seed", "0"])
+    model, ckpt = __import__("model").load_model(out)
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
+    end = data.special_id(enc, "<|end|>")
+    for q in questions:
+        ids, _ = data.render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)
+        out_ids = model.eval().generate(torch.tensor([ids]), 8, temperature=0, stop_token=end)[0, len(ids):].tolist()
+        assert out_ids == data.encode(enc, "Yes.") + [end]

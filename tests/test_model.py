@@ -563,7 +563,7 @@ def test_setup_runtime_cpu_fp32():
     rt = model.setup_runtime(device="cpu")
     assert (rt.device.type, rt.dtype, rt.world_size, rt.ddp, rt.master) == ("cpu", torch.float32, 1, False, True)
     assert not rt.scaler.is_enabled()
-    with rt.autocast:
+    with rt.autocast():
         assert not torch.is_autocast_enabled("cpu")
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
@@ -571,7 +571,7 @@ def test_setup_runtime_cpu_fp32():
 def test_setup_runtime_cpu_bfloat16_autocast():
     rt = model.setup_runtime(device="cpu", dtype="bfloat16")
     assert rt.dtype == torch.bfloat16 and not rt.scaler.is_enabled()
-    with rt.autocast:
+    with rt.autocast():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
 
 
@@ -591,3 +591,265 @@ def test_tiny_model_overfits_one_batch(tiny_config, family):
         losses.append(loss.item())
     assert abs(losses[0] - math.log(100)) < 0.3  # a fresh model is near uniform: ln 100 ≈ 4.61
     assert losses[-1] < 0.5 * losses[0]
+
+
+# -----------------------------------------------------------------------------
+# Left padding: a batch of prompts of different lengths computes what each row computes alone
+
+def left_padded(rows, pad_id=0):
+    """rows of different lengths -> idx (B, T) right-aligned, pad_mask (B, T) True on real tokens."""
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), True
+    return idx, mask
+
+
+PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 30, 8], [12], [70, 71, 72, 73, 74]]  # lengths 3, 7, 1, 5
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("case", CASES)
+def test_left_padded_logits_equal_each_row_alone(tiny_config, case, attn_impl):
+    m = case_model(tiny_config, case, attn_impl=attn_impl)
+    idx, mask = left_padded(PROMPTS, pad_id=99)
+    logits, _ = m(idx, pad_mask=mask)
+    assert torch.isfinite(logits).all()  # padded positions too: no NaN from an all-masked score row
+    for i, row in enumerate(PROMPTS):
+        alone, _ = m(torch.tensor([row]))
+        torch.testing.assert_close(logits[i, mask[i]], alone[0], rtol=0, atol=1e-5)
+    # without the mask, padding is attended to and shifts positions: the rows change
+    unmasked, _ = m(idx)
+    assert (unmasked[0, -1] - m(torch.tensor([PROMPTS[0]]))[0][0, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("case", CASES)
+def test_batched_greedy_generation_equals_one_row_at_a_time(tiny_config, case, attn_impl, use_cache):
+    m = case_model(tiny_config, case, attn_impl=attn_impl)
+    idx, mask = left_padded(PROMPTS, pad_id=99)
+    new = 6  # 7 + 6 = 13 <= block_size 16
+    out = m.generate(idx, new, temperature=0, use_cache=use_cache, pad_mask=mask)
+    for i, row in enumerate(PROMPTS):
+        alone = m.generate(torch.tensor([row]), new, temperature=0, use_cache=use_cache)
+        assert out[i, idx.size(1):].tolist() == alone[0, len(row):].tolist()
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("case", CASES)
+def test_batched_generation_with_stop_token_and_cache_logits(tiny_config, case, attn_impl):
+    """The cache's decode steps give each row the logits its own full forward gives, and a stop token
+    ends rows independently."""
+    m = case_model(tiny_config, case, attn_impl=attn_impl)
+    idx, mask = left_padded(PROMPTS, pad_id=99)
+    greedy = m.generate(idx, 6, temperature=0, pad_mask=mask)
+    stop = int(greedy[1, idx.size(1) + 2])  # row 1's third new token: that row stops there
+    out = m.generate(idx, 6, temperature=0, pad_mask=mask, stop_token=stop)
+    for i, row in enumerate(PROMPTS):
+        alone = m.generate(torch.tensor([row]), 6, temperature=0, stop_token=stop)[0, len(row):].tolist()
+        got = out[i, idx.size(1):].tolist()
+        assert got[:len(alone)] == alone and all(t == stop for t in got[len(alone):])
+    # step by step with a cache: logits at each new token equal the full forward of that row
+    cache = model.KVCache(m.config, len(PROMPTS), idx.device, torch.float32)
+    m.hidden_states(idx, cache, mask)
+    seq = [list(r) for r in PROMPTS]
+    for t in range(3):
+        nxt = greedy[:, idx.size(1) + t:idx.size(1) + t + 1]
+        step_logits = m.lm_head(m.hidden_states(nxt, cache))[:, -1]  # (B, V)
+        for i in range(len(seq)):
+            seq[i].append(int(nxt[i]))
+            full = m(torch.tensor([seq[i]]))[0][0, -1]
+            torch.testing.assert_close(step_logits[i], full, rtol=0, atol=1e-5)
+
+
+def test_padding_branch_gives_no_nan_when_a_row_is_mostly_padding(tiny_config):
+    m = case_model(tiny_config, "modern", attn_impl="manual")
+    idx, mask = left_padded([[1], list(range(2, 16))])  # row 0: 14 pads, then one token
+    h = m.hidden_states(idx, pad_mask=mask)
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h[0, -1], m.hidden_states(torch.tensor([[1]]))[0, -1], rtol=0, atol=1e-5)
+
+
+def test_kv_cache_takes_the_autocast_dtype(tiny_config):
+    m = case_model(tiny_config, "modern")
+    seen = []
+    real_init = model.KVCache.__init__
+
+    def spy(self, config, batch_size, device, dtype):
+        seen.append(dtype)
+        real_init(self, config, batch_size, device, dtype)
+
+    model.KVCache.__init__ = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m.generate(tokens(1, 4), 2, temperature=0)
+        m.generate(tokens(1, 4), 2, temperature=0)
+    finally:
+        model.KVCache.__init__ = real_init
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_decode_step_passes_no_mask_to_sdpa(tiny_config, monkeypatch):
+    """One new token with no padding may see every cached key: no mask, so fused kernels stay usable."""
+    m = case_model(tiny_config, "modern")
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.size(2), attn_mask is None, kw.get("is_causal")))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", spy)
+    m.generate(tokens(1, 4), 3, temperature=0)
+    n_layer = m.config.n_layer
+    assert calls[:n_layer] == [(4, True, True)] * n_layer           # prefill: is_causal, no mask
+    assert calls[n_layer:] == [(1, True, False)] * (2 * n_layer)   # decode: no mask at all
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities and masked primitives
+
+def test_token_logprobs_match_log_softmax_gather_on_a_padded_batch():
+    logits, targets = random_logits_and_targets()
+    targets[0, -2:] = IGNORE_INDEX  # a right-padded row
+    lp = model.token_logprobs(logits, targets)
+    direct = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    direct = direct.masked_fill(targets == IGNORE_INDEX, 0.0)
+    assert lp.shape == targets.shape and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, direct)
+    assert (lp[0, -2:] == 0).all()
+    # cross_entropy is its negative mean over the real targets
+    n = (targets != IGNORE_INDEX).sum()
+    torch.testing.assert_close(model.cross_entropy(logits, targets), -lp.sum() / n)
+
+
+def test_token_logprobs_hand_computed():
+    # logits (0, ln 3) over V = 2: p = (1/4, 3/4); log p(1) = ln 0.75 ≈ -0.2877
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    torch.testing.assert_close(model.token_logprobs(logits, torch.tensor([[1]])), torch.tensor([[math.log(0.75)]]))
+
+
+def test_logprobs_of_equals_full_logits_and_skips_the_prompt(tiny_config):
+    m = case_model(tiny_config, "gpt2")
+    idx = tokens(3, 12)
+    targets = torch.full((3, 12), IGNORE_INDEX)
+    targets[:, 7:] = tokens(3, 5, seed=2)  # a 7-token prompt, then a 5-token response
+    targets[2, 10:] = IGNORE_INDEX          # a row whose response is shorter
+    full = model.token_logprobs(m(idx)[0], targets)
+    lp, ent = m.logprobs_of(idx, targets, entropy=True)
+    torch.testing.assert_close(lp, full, rtol=0, atol=1e-6)
+    assert (lp[:, :7] == 0).all() and (ent[:, :7] == 0).all() and (ent[2, 10:] == 0).all()
+    torch.testing.assert_close(ent[:, 7:9], model.entropy_from_logits(m(idx)[0])[:, 7:9], rtol=0, atol=1e-5)
+    seen = []
+    handle = m.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    m.logprobs_of(idx, targets)
+    handle.remove()
+    assert seen == [(3, 5, 32)]  # lm_head ran on the 5 response positions only
+
+
+def test_entropy_hand_computed():
+    uniform = torch.zeros(1, 1, 8)                              # ln 8 for 8 equal outcomes
+    peaked = torch.tensor([[[0.0, 1000.0]]])                    # one certain outcome: 0
+    two = torch.tensor([[[0.0, math.log(3.0)]]])                # p = (1/4, 3/4): −(¼ ln ¼ + ¾ ln ¾) ≈ 0.5623
+    torch.testing.assert_close(model.entropy_from_logits(uniform), torch.tensor([[math.log(8)]]))
+    torch.testing.assert_close(model.entropy_from_logits(peaked), torch.tensor([[0.0]]))
+    torch.testing.assert_close(model.entropy_from_logits(two), torch.tensor([[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]))
+
+
+def test_masked_mean_and_whiten_hand_computed():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, -7.0, 50.0, 60.0]])
+    m = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert model.masked_mean(x, m).item() == pytest.approx((1 + 2 + 3 + 5) / 4)  # 2.75: padding left out
+    torch.testing.assert_close(model.masked_mean(x, m, dim=1), torch.tensor([2.0, 5.0]))
+    assert model.masked_mean(x, torch.zeros_like(m)).item() == 0  # nothing selected: 0, not NaN
+    w = model.masked_whiten(x, m)
+    # values 1, 2, 3, 5: mean 2.75, biased variance (3.0625 + 0.5625 + 0.0625 + 5.0625) / 4 = 2.1875
+    expected = (torch.tensor([1.0, 2.0, 3.0, 5.0]) - 2.75) / math.sqrt(2.1875)
+    torch.testing.assert_close(w[m], expected)
+    assert (w[~m] == 0).all()
+    assert model.masked_mean(w, m).abs().item() < 1e-6 and model.masked_mean(w ** 2, m).item() == pytest.approx(1, abs=1e-5)
+    torch.testing.assert_close(model.masked_whiten(x, m, shift_mean=False)[m], expected + 2.75)
+
+
+# -----------------------------------------------------------------------------
+# Score head (reward and value models)
+
+def test_score_is_read_at_each_rows_last_real_token(tiny_config):
+    m = make_model(tiny_config("modern", score_head=True))
+    rows = [[4, 8, 15], [16, 23, 42, 7, 1, 9], [3]]
+    T = max(map(len, rows))
+    idx = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, r in enumerate(rows):  # right padding: real tokens first
+        idx[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    scores = m.scores(idx)                        # (B, T): right padding needs no pad_mask
+    last = model.last_token(scores, mask)         # (B,)
+    for i, r in enumerate(rows):
+        alone = m.scores(torch.tensor([r]))[0, -1]
+        torch.testing.assert_close(last[i], alone, rtol=0, atol=1e-5)
+    assert model.last_token(torch.arange(12.0).view(2, 6), torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6]).bool()).tolist() == [1.0, 11.0]
+
+
+def test_score_head_checkpoint_round_trip_gives_a_scoring_model(tiny_config, tmp_path):
+    lm = make_model(tiny_config("gpt2"))
+    rm = lm.add_score_head()
+    assert rm.config.score_head and rm.score_head.weight.shape == (1, 32)
+    model.save_checkpoint(str(tmp_path / "ckpt.pt"), model=rm.state_dict(), model_config=dataclasses.asdict(rm.config))
+    loaded, _ = model.load_model(str(tmp_path))
+    assert loaded.score_head is not None
+    idx = tokens(2, 8)
+    torch.testing.assert_close(loaded.eval().scores(idx), rm.scores(idx), rtol=0, atol=0)
+    assert GPT(tiny_config("gpt2")).score_head is None  # a plain language model has none
+
+
+# -----------------------------------------------------------------------------
+# Loop helpers
+
+def test_autocast_contexts_nest_and_switch_off_after():
+    rt = model.setup_runtime(device="cpu", dtype="bfloat16")
+    with rt.autocast():
+        with rt.autocast():
+            assert torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_optimizer_step_sets_lr_clips_and_returns_the_norm():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    w.grad = torch.tensor([3.0, 4.0])  # norm 5
+    norm = model.optimizer_step(opt, scaler, lr=0.1, grad_clip=1.0)
+    assert norm == pytest.approx(5.0) and opt.param_groups[0]["lr"] == 0.1
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.06, -0.08]))  # clipped to norm 1, times lr 0.1
+    assert w.grad is None  # zeroed for the next step
+    w.grad = torch.tensor([0.3, 0.4])
+    assert model.optimizer_step(opt, scaler, lr=1.0) == pytest.approx(0.5)  # no clipping
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.36, -0.48]))
+
+
+def test_resume_args_take_model_flags_from_the_checkpoint():
+    import argparse
+    args = argparse.Namespace(lora_r=8, lr=1e-3)
+    said = []
+    model.resume_args(args, {"lora_r": 16, "lr": 5e-4}, ["lora_r"], log=said.append)
+    assert (args.lora_r, args.lr) == (16, 1e-3)  # only the named flags follow the checkpoint
+    assert said == ["--resume: --lora-r 16 from the checkpoint (the command line gave 8)"]
+
+
+def test_resize_vocab_new_rows_distinct_near_the_mean_and_deterministic(tiny_config):
+    m = make_model(tiny_config("gpt2", vocab_size=100))
+    old = m.tok_emb.weight.detach().clone()
+    m.resize_vocab(110)
+    new = m.tok_emb.weight[100:].detach()
+    assert m.lm_head.weight is m.tok_emb.weight and m.config.vocab_size == 110
+    torch.testing.assert_close(m.tok_emb.weight[:100].detach(), old, rtol=0, atol=0)
+    assert torch.cdist(new, new).add(torch.eye(10)).min() > 0  # every new row differs from the others
+    # near the mean: the noise has covariance 1e-5·Σ, so its size is ~0.3% of the rows' own spread
+    spread = (old - old.mean(0)).norm(dim=1).mean()
+    assert (new - old.mean(0)).norm(dim=1).max() < 0.05 * spread
+    again = make_model(tiny_config("gpt2", vocab_size=100))
+    again.resize_vocab(110)
+    torch.testing.assert_close(again.tok_emb.weight, m.tok_emb.weight, rtol=0, atol=0)  # same base, same rows

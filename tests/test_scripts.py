@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import data
 import model
 import pretrain
 import sample
@@ -245,12 +246,17 @@ def test_sft_lora_trains_only_adapters_and_writes_small_adapter(base_model, sft_
     out = tmp_path / "lora"
     sft.main(sft_args(base_model, sft_file, out, "--lora-r", "4", "--lr", "1e-2"))
     base, tuned = load_checkpoint(os.path.join(base_model, "ckpt.pt"))["model"], load_checkpoint(out / "ckpt.pt")
-    assert "lora" in tuned and tuned["lora_config"]["r"] == 4
+    assert tuned["adapter"]["lora_config"]["r"] == 4
     weights = tuned["model"]  # LoRA merged: plain names, as any checkpoint
     assert set(weights) == set(base)
     assert not torch.equal(weights["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # adapted
     torch.testing.assert_close(weights["blocks.0.mlp.fc.weight"], base["blocks.0.mlp.fc.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(weights["tok_emb.weight"], base["tok_emb.weight"], rtol=0, atol=0)  # frozen
+    chat = tuned["adapter"]["lora_config"]["train_rows"]  # the chat tokens' rows train, the others stay
+    assert chat == [data.special_id(data.get_encoding(tuned["tokenizer"]), t) for t in data.CHAT_TOKENS]
+    others = torch.ones(len(base["tok_emb.weight"]), dtype=torch.bool)
+    others[chat] = False
+    torch.testing.assert_close(weights["tok_emb.weight"][others], base["tok_emb.weight"][others], rtol=0, atol=0)
+    assert not torch.equal(weights["tok_emb.weight"][chat], base["tok_emb.weight"][chat])
     assert os.path.getsize(out / "ckpt.pt") > 20 * os.path.getsize(out / "adapter.pt")
     assert losses_fell(out)
     # the adapter file alone, put back onto its base, is the same model as the merged checkpoint
