@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, save_checkpoint, set_rng_state, \
+    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, resume_args, save_checkpoint, set_rng_state, \
     setup_runtime, training_state
 
 
@@ -95,8 +95,10 @@ def main(argv=None):
 
     # ---- model: fresh, from --init-from, or from the checkpoint we resume ---------------------
     ckpt = None
-    if args.resume:
+    if args.resume:  # the model is the checkpoint's, whatever the shape flags say now
         ckpt = load_checkpoint(ckpt_path)
+        resume_args(args, ckpt["args"], ["family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout"],
+                    log)
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         tokenizer = ckpt["tokenizer"]

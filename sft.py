@@ -226,13 +226,14 @@ def main(argv=None):
                 _, loss = model(x.to(rt.device), y.to(rt.device))
             n = (y != IGNORE_INDEX).sum().item()
             nats, n_tokens = nats + loss.item() * n, n_tokens + n
-        answers = []
-        for prompt in EVAL_PROMPTS:
-            ids, _ = data.render_chat(enc, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-            with rt.autocast():
-                out = model.generate(torch.tensor([ids], device=rt.device), 48, temperature=0,
-                                     stop_token=data.special_id(enc, "<|end|>"))
-            answers.append(data.decode(enc, [t for t in out[0, len(ids):].tolist() if t < enc.eot_token]))
+        # all prompts in one batch, left-padded: each row gets the answer it would get alone
+        prompts = [data.render_chat(enc, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                   for p in EVAL_PROMPTS]
+        idx, pad_mask = data.left_pad(prompts, pad)
+        with rt.autocast():
+            out = model.generate(idx.to(rt.device), 48, temperature=0, stop_token=data.special_id(enc, "<|end|>"),
+                                 pad_mask=pad_mask.to(rt.device))
+        answers = [data.decode(enc, [t for t in row[idx.size(1):].tolist() if t < enc.eot_token]) for row in out]
         model.train()
         return nats / max(1, n_tokens), answers
 

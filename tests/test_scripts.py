@@ -271,11 +271,19 @@ def test_sft_lora_trains_only_adapters_and_writes_small_adapter(base_model, sft_
 
 
 def test_sft_lora_resume_is_exact(base_model, sft_file, tmp_path):
-    """LoRA with dropout on: 6 steps straight == 3 steps, stop, --resume, 3 more."""
+    """LoRA with dropout on: 6 steps straight == 3 steps, stop, --resume, 3 more. The resumed command
+    asks for another rank: the checkpoint's rank wins, and the run says so."""
     common = ["--lora-r", "4", "--lora-dropout", "0.1"]
     sft.main(sft_args(base_model, sft_file, tmp_path / "straight", *common))
     sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", *common, "--stop-at", "3"))
-    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", *common, "--resume"))
+    said = []
+    real_write = sft.tqdm.write
+    sft.tqdm.write = lambda s, *a, **k: said.append(s)
+    try:
+        sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--lora-r", "8", "--lora-dropout", "0.1", "--resume"))
+    finally:
+        sft.tqdm.write = real_write
+    assert "--resume: --lora-r 4 from the checkpoint (the command line gave 8)" in said
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
