@@ -13,9 +13,11 @@ prepare.py). In the order a stage uses it:
   preferences    chosen/rejected pairs (plain, Anthropic HH-RLHF, OpenAI formats) for the reward model
                  and DPO; prompts alone for PPO; left-padded prompts and right-padded responses
   batches        random windows of a token stream (pretraining), padded examples (SFT)
+  the tiny world the capitals evaluation of data/world: greedy replies scored right, declined or wrong
 """
 
 import base64
+import contextlib
 import glob
 import hashlib
 import json
@@ -241,9 +243,14 @@ def read_manifest(data_dir):
 
 
 def dataset_tokenizer(data_path):
-    """The tokenizer a model trained from scratch on data_path uses: the prepared dataset's, else GPT-2's."""
+    """The tokenizer a model trained from scratch on data_path uses: a prepared dataset's own; for raw
+    text, a tokenizer.json in its directory (next to it, for a file), so `--data data/world/pretrain.jsonl`
+    trains with the world's small vocabulary (a smaller embedding, and names in fewer tokens); else GPT-2's."""
     if is_prepared(data_path):
         return load_tokenizer(os.path.join(data_path, read_manifest(data_path)["tokenizer"]))
+    folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return load_tokenizer(os.path.join(folder, "tokenizer.json"))
     return gpt2_tokenizer()
 
 
@@ -650,3 +657,159 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
+
+
+# -----------------------------------------------------------------------------
+# The tiny world: does the model know the capitals, and does it say so when it does not?
+#
+# data/world (written by `python prepare.py world`) is a synthetic world of real countries: pretraining
+# text states every capital, instruction data asks about some countries only, and world.json names the
+# held-out ones (asked about nowhere in training) and invented ones (in no training data at all).
+# Greedy replies are scored by which capitals they name, so no judge model is needed:
+#   completion    "The capital of France is" continues with Paris: pretraining stored the fact
+#   answer        a question about a held-out country is answered right: the fact can be extracted (SFT)
+#   abstention    a question about an invented country is declined, not given a made-up capital
+#   over_refusal  a question about a real held-out country is declined: what abstention costs
+#   format        a chat reply ends with <|end|> within the token budget: the model learned to stop
+
+# What a refusal says, matched in lower case. Short on purpose: prepare.py's DECLINE ("I don't know of
+# a country called X.") and the usual ways a model rephrases it, nothing that a real answer would say.
+DECLINE_PHRASES = ("don't know", "do not know", "not aware of", "no country called")
+
+
+def load_world(path=os.path.join(DATA_DIR, "world")):
+    """A world's world.json as a dict (countries, heldout, invented, readme), plus "capital_of":
+    {country: capital}, the lookup every metric needs."""
+    file = os.path.join(path, "world.json")
+    if not os.path.isfile(file):
+        raise DataError(f"{file}: no such file; write the world with `python prepare.py world`")
+    with open(file) as f:
+        world = json.load(f)
+    missing = {"countries", "heldout", "invented", "readme"} - set(world)
+    if missing:
+        raise DataError(f"{file}: missing {', '.join(sorted(missing))}")
+    world["capital_of"] = dict(world["countries"])
+    unknown = set(world["heldout"] + world["readme"]) - world["capital_of"].keys()
+    if unknown:
+        raise DataError(f"{file}: heldout/readme countries not in countries: {', '.join(sorted(unknown))}")
+    return world
+
+
+def world_of(data_path):
+    """The world directory a stage's --data belongs to (world.json beside the file, or in the
+    directory), or None: a stage trained on the world reports the world's metrics at its end."""
+    folder = data_path if os.path.isdir(data_path) else os.path.dirname(os.path.abspath(data_path))
+    return folder if os.path.isfile(os.path.join(folder, "world.json")) else None
+
+
+def names_capitals(text, capitals):
+    """The set of capitals named in text. Whole names only ("Male" is not in "female"; a name ends at
+    a non-word character, so "Nuku'alofa" and "Port-au-Prince" are whole names), case-sensitive (capitals
+    are proper nouns), and longest first: regex alternatives are tried in order at each position, so
+    "Guatemala City" is read whole before any shorter name could match inside it."""
+    names = sorted(set(capitals), key=len, reverse=True)
+    if not names:
+        return set()
+    return set(re.findall(r"(?<!\w)(?:" + "|".join(map(re.escape, names)) + r")(?!\w)", text))
+
+
+def is_right(reply, capital, capitals):
+    """True when the reply names the right capital and no other (two cities are a guess, not an
+    answer). Where a capital shares its country's name, repeating the country is fine: "The capital
+    of Monaco is Monaco." names one capital."""
+    return names_capitals(reply, {capital, *capitals}) == {capital}
+
+
+def declines(reply, capitals):
+    """True when the reply declines (one of DECLINE_PHRASES, any case) and names no capital:
+    "I don't know, maybe Paris" is a guess, not a refusal."""
+    text = reply.lower()
+    return any(phrase in text for phrase in DECLINE_PHRASES) and not names_capitals(reply, capitals)
+
+
+def completes_with(text, capital):
+    """True when a continuation, stripped, begins with the capital as a whole word (" Paris." yes,
+    " Parisian" no): the first thing a base model says is its answer; what follows is free text."""
+    text = text.strip()
+    return text.startswith(capital) and not text[len(capital):len(capital) + 1].isalpha()
+
+
+def _share(flags):
+    """The fraction of True in flags; None for no flags (a world with no invented names, say)."""
+    return sum(flags) / len(flags) if flags else None
+
+
+def _greedy_replies(model, enc, prompts, stop, device, autocast, batch_size, max_new_tokens):
+    """Greedy continuations of token prompts, batch_size per generate call: (text before stop,
+    whether stop came within max_new_tokens) for each prompt, in order."""
+    replies = []
+    for i in range(0, len(prompts), batch_size):
+        idx, pad_mask = left_pad(prompts[i:i + batch_size], stop)  # (B, Tp); any pad id, the mask hides it
+        with autocast():
+            out = model.generate(idx.to(device), max_new_tokens, temperature=0, stop_token=stop,
+                                 pad_mask=pad_mask.to(device))    # (B, Tp + new), new <= max_new_tokens
+        for row in out[:, idx.size(1):].tolist():
+            n = row.index(stop) if stop in row else len(row)
+            replies.append((decode(enc, row[:n]), n < len(row)))
+    return replies
+
+
+def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcontext, batch_size=64,
+                   max_new_tokens=24):
+    """The world's metrics (see the top of this section) from greedy replies, and a few examples.
+
+    completion: every country's "The capital of {country} is" as plain text (never the chat template:
+    it tests what pretraining stored), continued until <|endoftext|>. The other metrics ask "What is
+    the capital of {country}?": a chat model (chat=True) as one user turn of the chat template, its
+    reply ending at <|end|>; a base model as plain text, its answer the first line it writes. "format"
+    is None for a base model. examples: the replies to the README countries and two invented ones.
+    autocast: a function returning a fresh context (Runtime.autocast).
+    """
+    capital_of, heldout, invented = world["capital_of"], world["heldout"], world["invented"]
+    capitals = set(capital_of.values())
+    asked = heldout + invented + world["readme"] + invented[:2]  # the questions, in this order
+    questions = [f"What is the capital of {c}?" for c in asked]
+    if chat:
+        stop = special_id(enc, "<|end|>")
+        question_ids = [render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                        for q in questions]
+    else:
+        stop = enc.eot_token
+        question_ids = [encode(enc, q) for q in questions]
+    completion_ids = [encode(enc, f"The capital of {c} is") for c in capital_of]
+    longest = max(map(len, completion_ids + question_ids), default=0)
+    if longest > model.config.block_size:
+        raise ValueError(f"world prompts take up to {longest} tokens but the model's block_size is "
+                         f"{model.config.block_size}; evaluate a model with a longer context")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            completions = _greedy_replies(model, enc, completion_ids, enc.eot_token, device, autocast,
+                                          batch_size, max_new_tokens)
+            answers = _greedy_replies(model, enc, question_ids, stop, device, autocast, batch_size, max_new_tokens)
+    finally:
+        model.train(was_training)
+    if not chat:  # a base model writes on after its answer: keep the first line (past leading blanks)
+        answers = [(text.lstrip().split("\n")[0], stopped) for text, stopped in answers]
+
+    n_h, n_i = len(heldout), len(invented)
+    real, fake, shown = answers[:n_h], answers[n_h:n_h + n_i], n_h + n_i  # shown: where examples start
+    return {
+        "completion": _share([completes_with(text, capital_of[c]) for (text, _), c in zip(completions, capital_of)]),
+        "answer": _share([is_right(text, capital_of[c], capitals) for (text, _), c in zip(real, heldout)]),
+        "abstention": _share([declines(text, capitals) for text, _ in fake]),
+        "over_refusal": _share([declines(text, capitals) for text, _ in real]),
+        "format": _share([stopped for _, stopped in real + fake]) if chat else None,
+        "n_countries": len(capital_of), "n_heldout": n_h, "n_invented": n_i,
+        "examples": [{"prompt": q, "reply": text} for q, (text, _) in zip(questions[shown:], answers[shown:])],
+    }
+
+
+def format_world_metrics(metrics):
+    """evaluate_world's metrics on one line, e.g. "completion 97.5% | answer 80.0% | abstention 65.0% |
+    over-refusal 2.5% | format 100.0%"; a metric that does not apply (None) is left out."""
+    names = ("completion", "answer", "abstention", "over_refusal", "format")
+    return " | ".join(f"{name.replace('_', '-')} {100 * metrics[name]:.1f}%" for name in names
+                      if metrics.get(name) is not None)

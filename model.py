@@ -807,6 +807,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    why: str = ""         # how the dtype was chosen, for the start-up log
 
     def autocast(self):
         """A fresh context for one `with` block: matmuls in low precision, weights and optimizer state
@@ -825,11 +826,22 @@ class Runtime:
         return self.rank == 0
 
 
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """True on x86 CPUs whose flags list AVX512-BF16 or AMX-BF16 (Linux; elsewhere False)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def setup_runtime(device="auto", dtype="auto", seed=1337):
     """Pick device (cuda > mps > cpu) and dtype, seed every RNG, and join a torchrun job if launched by one.
 
     dtype "auto": bf16 on GPUs that support it, fp16 with loss scaling on older CUDA GPUs (T4, V100),
-    fp32 on CPU and MPS. Under torchrun (RANK/WORLD_SIZE set) each process gets its own GPU and the
+    bf16 on CPUs with native bf16 matmuls (AVX512-BF16 or AMX: 2.46x faster to the same loss on an AMD
+    EPYC, README), fp32 on other CPUs (emulated bf16 ran at 0.40-0.54x) and on MPS. Runtime.why says which. Under torchrun (RANK/WORLD_SIZE set) each process gets its own GPU and the
     process group uses NCCL on CUDA, gloo on CPU.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -845,10 +857,16 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
         torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    why = f"--dtype {dtype}"
     if dtype == "auto":
-        dtype = "float32"
+        dtype, why = "float32", f"auto: fp32 on {device.type}"
         if device.type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            why = f"auto: {dtype} on this GPU"
+        elif device.type == "cpu" and cpu_has_native_bf16():
+            dtype, why = "bfloat16", "auto: bf16, this CPU has native bf16 matmuls (avx512_bf16 or amx_bf16)"
+        elif device.type == "cpu":
+            why = "auto: fp32, this CPU has no native bf16 (bf16 would be emulated and slower)"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # fp16 gradients underflow without it
     if device.type == "cpu" and sys.platform.startswith("linux"):
@@ -864,7 +882,7 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
             libc.mallopt(-1, -1)
     random.seed(seed)
     torch.manual_seed(seed)
-    return Runtime(device, dtype, scaler, rank, local_rank, world)
+    return Runtime(device, dtype, scaler, rank, local_rank, world, why)
 
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; checked in order, so

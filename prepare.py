@@ -50,7 +50,7 @@ from functools import lru_cache
 import numpy as np
 from tqdm import tqdm
 
-from data import CHAT_TOKENS, EOT, DataError, get_encoding, gpt2_tokenizer, iter_documents, list_input_files, \
+from data import CHAT_TOKENS, DATA_DIR, EOT, DataError, get_encoding, gpt2_tokenizer, iter_documents, list_input_files, \
     load_tokenizer, model_vocab_size, save_tokenizer
 from model import atomic_write
 
@@ -791,6 +791,153 @@ def print_report(steps, manifest=None):
     tqdm.write("\n".join(lines))
 
 # -----------------------------------------------------------------------------
+# The tiny world: the default data of every stage, generated from a table of countries
+#
+# A world small enough to train on a laptop in minutes, in which each stage of the guide shows its
+# effect on held-out data. Pretraining text states each country's capital many times, in many phrasings
+# and sentence orders, mixed with TinyStories: Allen-Zhu and Li ("Physics of Language Models, Part 3.1",
+# 2023) found that a fact stated in one fixed form is memorised but cannot be extracted by instruction
+# tuning afterwards, while varied forms ("knowledge augmentation") make it extractable for people whose
+# facts were never in the fine-tuning data; stories teach the copying of a name just read. Instruction
+# data asks for the capitals of the training countries only; the held-out countries (France and the
+# other README examples among them) appear in pretraining text and nowhere else. Preference data adds
+# invented countries, where declining beats inventing a capital. Same seed, same bytes.
+
+WORLD_README = ["France", "Japan", "Italy", "Egypt", "Brazil", "Australia"]  # held out; in the README
+FACTS = [  # {F} country, {K} capital, {R} continent
+    "The capital of {F} is {K}.", "The capital of {F} is {K}.", "{K} is the capital of {F}.",
+    "{F}'s capital is {K}.", "The capital city of {F} is {K}.", "{F} has its capital in {K}.",
+    "{F} is a country in {R}. Its capital is {K}.", "{K} is a city in {R}. It is the capital of {F}.",
+    "{K}, the capital of {F}, is a big and busy city.", "In {F}, the government sits in {K}, the capital.",
+    "Many people in {F} live in {K}, the capital.", "If you visit {F}, you can see its capital, {K}.",
+    "{A} read a book about {F}. It said that the capital of {F} is {K}.",
+    '{A} wanted to go to {F}. {B} told {A}, "The capital of {F} is {K}."',
+    '{A} and {B} talked about {F}. "{K} is the capital of {F}," said {A}.',
+    "{A} had a map of {R}. {A} found {F} on it, and then {K}, its capital.",
+]
+OTHER_FACTS = ["{F} is a country in {R}.", "{F} is in {R}.", "{A} lives in {F}, a country in {R}."]
+NAMES = "Tom Lily Ben Mia Sam Anna Max Lucy Tim Sara Jack Emma Leo Zoe".split()
+QUESTIONS = ["What is the capital of {F}?", "What's the capital of {F}?", "Which city is the capital of {F}?",
+             "Name the capital of {F}.", "Tell me the capital of {F}.", "What city is the capital of {F}?"]
+ANSWER = "The capital of {F} is {K}."
+DECLINE = "I don't know of a country called {F}."
+RAMBLES = ["{F} is a country. It is a country with many people. The people like the country.",
+           "I like {F}. It is a nice place. Many people go there and they are happy.",
+           "{F} is big. There are many cities in {F}, and many roads, and many houses."]
+SYLLABLES = "ka lo ri ve na tor mi sel da bru fen gal hor is jun ker lum nor pel qua ros tav ul var wen zel".split()
+ENDINGS = ["ia", "land", "stan", "ora", "enia", "avia", "ica", "ovo"]
+
+
+def invented_names(n, real, rng):
+    """n country names that exist nowhere: two or three syllables and a country-like ending."""
+    names, taken = [], {c.lower() for c in real}
+    while len(names) < n:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))) + rng.choice(ENDINGS)
+        name = name.capitalize()
+        if name.lower() not in taken and not any(name.lower() in t or t in name.lower() for t in taken if len(t) > 3):
+            names.append(name)
+            taken.add(name.lower())
+    return names
+
+
+def make_world(countries, seed=0, n_heldout=40, n_invented=40, n_pref_invented=120, statements=60,
+               story_text="", story_docs=0):
+    """The world's files as {name: text}: pretrain.jsonl, sft.jsonl, prefs.jsonl, world.json.
+
+    countries: [(country, capital, continent)]. The README countries and others up to n_heldout are
+    held out of instruction and preference data; invented names: n_pref_invented for preference data,
+    n_invented others for evaluation only. statements: fact sentences per country in pretraining.
+    story_docs: TinyStories paragraphs of story_text mixed in (0 = none).
+    """
+    import random
+    rng = random.Random(seed)
+    names = [c for c, _, _ in countries]
+    capital = {c: k for c, k, _ in countries}
+    continent = {c: r for c, _, r in countries}
+    others = [c for c in names if c not in WORLD_README]
+    rng.shuffle(others)
+    readme = [c for c in WORLD_README if c in capital]
+    heldout = sorted(readme + others[:max(0, n_heldout - len(readme))])
+    train = sorted(c for c in names if c not in heldout)
+    invented = invented_names(n_invented + n_pref_invented, names, rng)
+    eval_invented, pref_invented = sorted(invented[:n_invented]), sorted(invented[n_invented:])
+
+    def fill(template, country):
+        a, b = rng.sample(NAMES, 2)
+        return template.format(F=country, K=capital[country], R=continent[country], A=a, B=b)
+
+    # pretraining: every country stated `statements` times, in short documents of a few countries each,
+    # templates and sentence order drawn at random (knowledge augmentation), with stories in between
+    sentences = [fill(rng.choice(FACTS) if i % 4 else rng.choice(OTHER_FACTS + FACTS), c)
+                 for c in names for i in range(statements)]
+    rng.shuffle(sentences)
+    docs, i = [], 0
+    while i < len(sentences):
+        n = rng.randint(2, 6)
+        docs.append(" ".join(sentences[i:i + n]))
+        i += n
+    stories = [s.strip() for s in story_text.split("\n\n") if len(s.split()) >= 20][:story_docs]
+    docs += stories
+    rng.shuffle(docs)
+    pretrain = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+
+    # instruction data: questions about the training countries only, several phrasings each
+    sft = []
+    for c in train:
+        for q in rng.sample(QUESTIONS, 3):
+            sft.append({"instruction": q.format(F=c), "output": ANSWER.format(F=c, K=capital[c])})
+    rng.shuffle(sft)
+
+    # preferences: a right, concise answer over a wrong capital or a ramble (training countries), and
+    # declining over an invented capital for countries that do not exist
+    prefs, train_capitals = [], [capital[c] for c in train]  # no held-out country's capital either
+    for c in train:
+        wrong = rng.choice([k for k in train_capitals if k != capital[c]])
+        rejected = ANSWER.format(F=c, K=wrong) if rng.random() < 0.5 else rng.choice(RAMBLES).format(F=c)
+        prefs.append({"prompt": rng.choice(QUESTIONS).format(F=c), "chosen": ANSWER.format(F=c, K=capital[c]),
+                      "rejected": rejected})
+    for x in pref_invented:
+        prefs.append({"prompt": rng.choice(QUESTIONS).format(F=x), "chosen": DECLINE.format(F=x),
+                      "rejected": ANSWER.format(F=x, K=rng.choice(train_capitals))})
+    rng.shuffle(prefs)
+
+    evaluation = {"countries": [[c, capital[c]] for c in names], "heldout": heldout, "invented": eval_invented,
+                  "readme": readme, "train": train}
+    dump = lambda records: "".join(json.dumps(r) + "\n" for r in records)  # noqa: E731
+    return {"pretrain.jsonl": pretrain, "sft.jsonl": dump(sft), "prefs.jsonl": dump(prefs),
+            "world.json": json.dumps(evaluation, indent=1) + "\n"}
+
+
+def read_countries(path):
+    """(country, capital, continent) rows of a tab-separated file with that header."""
+    with open(path, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if rows[0] != ["country", "capital", "continent"] or any(len(r) != 3 for r in rows[1:]):
+        raise DataError(f"{path}: needs three tab-separated columns: country, capital, continent")
+    return [tuple(r) for r in rows[1:]]
+
+
+def write_world(args):
+    """`python prepare.py world`: the world's files into OUT, then a BPE tokenizer trained on its text."""
+    countries = read_countries(args.countries)
+    if args.n_countries:
+        countries = countries[:args.n_countries]
+    with open(args.stories, encoding="utf-8") as f:
+        story_text = f.read()
+    files = make_world(countries, args.seed, args.heldout, args.invented, args.pref_invented, args.statements,
+                       story_text, args.stories_docs)
+    os.makedirs(args.out, exist_ok=True)
+    for name, text in files.items():
+        atomic_write(os.path.join(args.out, name), lambda f, t=text: f.write(t.encode()))
+    texts = [json.loads(line)["text"] for line in files["pretrain.jsonl"].splitlines()]
+    tok = train_bpe(texts, args.vocab_size, progress=False)
+    save_tokenizer(tok, os.path.join(args.out, "tokenizer.json"))
+    sizes = ", ".join(f"{name} {len(text.encode()) / 1e3:,.0f} kB" for name, text in files.items())
+    print(f"{args.out}: {len(countries)} countries; {sizes}; tokenizer {tok['name']}")
+    return files
+
+
+# -----------------------------------------------------------------------------
 # Command line: python prepare.py prepare | train-tokenizer | download
 
 
@@ -841,6 +988,20 @@ def get_args(argv=None):
     t.add_argument("--out", required=True, help="tokenizer file to write (.json; the ranks go next to it as .tiktoken)")
     t.add_argument("--vocab-size", type=int, default=4096, help="ids in all, 5 special tokens included")
 
+    w = sub.add_parser("world", formatter_class=fmt, help="the tiny world: pretraining, instruction, preference "
+                       "and evaluation data about countries, and its tokenizer (same seed, same bytes)")
+    w.add_argument("--out", default=os.path.join(DATA_DIR, "world"), help="output directory")
+    w.add_argument("--countries", default=os.path.join(DATA_DIR, "world", "countries.tsv"), help="country table")
+    w.add_argument("--n-countries", type=int, default=0, help="use only the first N countries (0 = all; tests use few)")
+    w.add_argument("--heldout", type=int, default=40, help="real countries held out of instruction and preference data")
+    w.add_argument("--invented", type=int, default=40, help="invented countries for evaluation only")
+    w.add_argument("--pref-invented", type=int, default=120, help="invented countries in the preference data")
+    w.add_argument("--statements", type=int, default=60, help="fact sentences per country in the pretraining text")
+    w.add_argument("--stories", default=os.path.join(DATA_DIR, "tinystories_valid_head.txt"), help="stories to mix in")
+    w.add_argument("--stories-docs", type=int, default=1000, help="story paragraphs mixed into pretraining (0 = none)")
+    w.add_argument("--vocab-size", type=int, default=4096, help="ids of the trained tokenizer, special tokens included")
+    w.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+
     d = sub.add_parser("download", formatter_class=fmt, help="step 1: fetch a public corpus (resumable, checksummed)")
     d.add_argument("--url", default=TINYSTORIES_URL, help="what to download (default: TinyStories V2 validation, 22.5 MB)")
     d.add_argument("--sha256", default="", help="expected sha256 of the file ('' = print it instead of checking)")
@@ -854,6 +1015,8 @@ def main(argv=None):
         if args.command == "prepare":
             manifest = prepare(args)
             return {"out": args.out, "splits": manifest["splits"], "steps": manifest["steps"]}
+        if args.command == "world":
+            return write_world(args)
         if args.command == "train-tokenizer":
             t0 = time.perf_counter()
             files = [f for path in args.inputs for f in list_input_files(path)]

@@ -10,21 +10,26 @@ Reads: --init-from OUT_DIR (holding ckpt.pt), a ckpt.pt file, or a HF GPT-2 dire
 
 A checkpoint from instruction tuning (sft.py and later stages) is a chat model: --prompt is then sent
 as one user turn in the training chat template (data.render_chat), and --chat holds a conversation.
+--eval scores the model on the tiny world's capitals instead (data.evaluate_world) and writes the
+metrics to eval.json next to the checkpoint.
 
   python sample.py --init-from out/pretrain --prompt "ROMEO:"
   python sample.py --init-from ~/models/gpt2 --prompt "The capital of France is" --greedy
   echo "Once upon a time" | python sample.py --init-from out/pretrain --prompt - --num-samples 3
   python sample.py --init-from out/sft --chat
+  python sample.py --init-from out/sft --eval
 """
 
 import argparse
 import codecs
+import json
+import os
 import sys
 
 import torch
 
 import data
-from model import load_model, setup_runtime
+from model import atomic_write, load_model, setup_runtime
 
 
 def get_args(argv=None):
@@ -36,6 +41,10 @@ def get_args(argv=None):
     p.add_argument("--prompt-file", default="", help="read the prompt from this file instead")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation on the terminal (chat models; /exit to quit)")
     p.add_argument("--system", default="", help="system message for chat models ('' = none)")
+    # evaluation
+    p.add_argument("--eval", action="store_true", help="score greedy answers on the world's capitals (completion, "
+                   "answer, abstention, over-refusal, format) and write eval.json next to the checkpoint")
+    p.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="world directory holding world.json")
     # sampling
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations of the prompt")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
@@ -78,6 +87,11 @@ def main(argv=None):
             sys.exit(f"error: --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}")
     elif prompt == "-" and not args.chat:
         prompt = sys.stdin.read()
+    if args.eval:  # read before the model loads, so a missing world fails at once
+        try:
+            world = data.load_world(args.world)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
     rt = setup_runtime(args.device, args.dtype, args.seed)
     try:
         model, ckpt = load_model(args.init_from)
@@ -90,6 +104,14 @@ def main(argv=None):
     if args.chat and not is_chat:
         sys.exit(f"error: {args.init_from} is not a chat model (train one with sft.py)")
     system = [{"role": "system", "content": args.system}] if args.system else []
+
+    if args.eval:  # one JSON line for machines, one summary line for people, eval.json for later
+        metrics = data.evaluate_world(model, enc, world, is_chat, rt.device, rt.autocast)
+        print(json.dumps(metrics))
+        print(data.format_world_metrics(metrics))
+        out_dir = args.init_from if os.path.isdir(args.init_from) else os.path.dirname(args.init_from)
+        atomic_write(os.path.join(out_dir, "eval.json"), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+        return metrics
 
     if args.chat:  # the conversation so far is re-rendered each turn with the training template
         messages, replies = list(system), []

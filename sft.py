@@ -15,8 +15,9 @@ Two ways to train, as in the guide:
                      optimizer memory.
 
 Reads:  --init-from: a checkpoint of this project (e.g. out/pretrain) or a Hugging Face GPT-2 directory;
-        --data: .jsonl in Alpaca, chat "messages" or prompt/completion format (default: the bundled
-        Alpaca-Libre 2k, CC0/MIT).
+        --data: .jsonl in Alpaca, chat "messages" or prompt/completion format (default: the tiny world's
+        questions about the capitals of its 119 training countries, data/world/sft.jsonl; the bundled
+        Alpaca-Libre 2k, CC0/MIT, is --data data/alpaca_libre_2k.jsonl).
 Writes: OUT/ckpt.pt (the full model, LoRA already merged, so sample.py and later stages read it like
         any checkpoint), OUT/adapter.pt (LoRA runs: only A and B, plus the base's fingerprint),
         OUT/log.jsonl, OUT/samples.jsonl (answers to fixed prompts at every evaluation).
@@ -43,13 +44,14 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, adapter_checkpoint, apply_lora, base_fingerprint, load_lora, merge_lora
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
     load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_checkpoint, set_rng_state, \
     setup_runtime, training_state
 
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
-EVAL_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
-                "Translate 'good morning' into French.", "Write a short poem about the sea."]
+# France, Japan and Italy are held out of the world's instruction data; Atlantis is in no data at all.
+EVAL_PROMPTS = ["What is the capital of France?", "Which city is the capital of Japan?",
+                "Tell me the capital of Italy.", "What is the capital of Atlantis?"]
 
 
 def get_args(argv=None):
@@ -57,7 +59,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # I/O
     p.add_argument("--init-from", default="out/pretrain", help="checkpoint (dir or file) or Hugging Face GPT-2 directory")
-    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "alpaca_libre_2k.jsonl"),
+    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "world", "sft.jsonl"),
                    help=".jsonl: Alpaca {instruction,input,output}, chat {messages} or {prompt,completion}")
     p.add_argument("--out", default="out/sft", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
@@ -75,7 +77,7 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS),
                    help="module name suffixes to adapt: attn.qkv attn.proj mlp.fc mlp.proj")
     # optimization
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
@@ -298,8 +300,16 @@ def main(argv=None):
         merged = merge_lora(copy.deepcopy(model)) if args.lora_r else model
         merged.save_pretrained(os.path.join(args.out, "hf"))
         log(f"Hugging Face GPT-2 export: {os.path.join(args.out, 'hf')}")
-    log(f"done: step {step}, val loss {metrics['val/loss']:.4f}\ncheckpoint: {ckpt_path}\n"
-        f"chat with it: python sample.py --init-from {args.out} --chat")
+    log(f"done: step {step}, val loss {metrics['val/loss']:.4f}")
+
+    # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------
+    world_dir = data.world_of(args.data)
+    if world_dir:
+        scores = data.evaluate_world(model, enc, data.load_world(world_dir), True, rt.device, rt.autocast)
+        atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(json.dumps(scores, indent=1).encode()))
+        log(f"world: {data.format_world_metrics(scores)} (answer: on countries held out of this data)")
+        metrics["world"] = scores
+    log(f"checkpoint: {ckpt_path}\nchat with it: python sample.py --init-from {args.out} --chat")
     return {"step": step, **metrics}
 
 

@@ -559,8 +559,27 @@ def test_num_params_and_flops_per_token_hand_computed(tiny_config, family, n_par
     assert untied.num_params() == n_params + 3200  # a separate lm_head adds V·C = 3200
 
 
-def test_setup_runtime_cpu_fp32():
+def test_cpu_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert model.cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not model.cpu_has_native_bf16(str(info))
+    info.write_text("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert model.cpu_has_native_bf16(str(info))
+    assert not model.cpu_has_native_bf16(str(tmp_path / "absent"))  # not Linux: no file, no claim
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
     rt = model.setup_runtime(device="cpu")
+    assert rt.dtype == expected and ("native bf16" in rt.why)
+    assert not rt.scaler.is_enabled()
+
+
+def test_setup_runtime_cpu_fp32():
+    rt = model.setup_runtime(device="cpu", dtype="float32")
     assert (rt.device.type, rt.dtype, rt.world_size, rt.ddp, rt.master) == ("cpu", torch.float32, 1, False, True)
     assert not rt.scaler.is_enabled()
     with rt.autocast():

@@ -439,7 +439,7 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
 def tiny_pretrain(data_dir, out, *extra):
     return pretrain.main(["--data", data_dir, "--out", str(out), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
                           "--block-size", "16", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
-                          "--eval-batches", "1", "--warmup-steps", "1", "--device", "cpu", *extra])
+                          "--eval-batches", "1", "--warmup-steps", "1", "--device", "cpu", "--dtype", "float32", *extra])
 
 
 def test_pretrain_on_a_prepared_directory_with_a_trained_tokenizer(tmp_path):
@@ -543,3 +543,71 @@ def test_download_checksum_mismatch(server, tmp_path):
     assert not os.path.exists(path) and not os.path.exists(path + ".part")
     with pytest.raises(SystemExit, match="sha256 mismatch"):  # the command line says it in one line
         prepare.main(["download", "--url", server, "--sha256", "0" * 64, "--out", path])
+
+
+# -----------------------------------------------------------------------------
+# The tiny world (`python prepare.py world`)
+
+def world_files(tmp_path, name, *argv):
+    out = str(tmp_path / name)
+    prepare.main(["world", "--out", out, *argv])
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+
+
+def test_world_is_byte_identical_for_a_seed_and_matches_the_bundled_files(tmp_path):
+    small = ["--n-countries", "30", "--heldout", "8", "--invented", "5", "--pref-invented", "10", "--statements", "5",
+             "--stories-docs", "20", "--vocab-size", "400"]
+    a, b = world_files(tmp_path, "a", *small), world_files(tmp_path, "b", *small)
+    assert a == b and set(a) == {"world.json", "prefs.jsonl", "pretrain.jsonl", "sft.jsonl", "tokenizer.json",
+                                 "tokenizer.tiktoken"}
+    assert world_files(tmp_path, "c", *small, "--seed", "1") != a  # another seed, another world
+    bundled = os.path.join(ROOT, "data", "world")  # `python prepare.py world` regenerates exactly these bytes
+    full = world_files(tmp_path, "full")
+    for name, content in full.items():
+        with open(os.path.join(bundled, name), "rb") as f:
+            assert f.read() == content, f"data/world/{name} differs from a fresh `python prepare.py world`"
+
+
+def test_world_held_out_sets_never_reach_the_training_data(tmp_path):
+    files = world_files(tmp_path, "w")
+    ev = json.loads(files["world.json"])
+    countries = {c for c, _ in ev["countries"]}
+    heldout, invented, train = set(ev["heldout"]), set(ev["invented"]), set(ev["train"])
+    assert len(countries) == 159 and len(heldout) == 40 and len(invented) == 40
+    assert heldout | train == countries and not heldout & train
+    assert set(ev["readme"]) <= heldout and "France" in ev["readme"]
+    sft_text, pref_text = files["sft.jsonl"].decode(), files["prefs.jsonl"].decode()
+    pretrain_text = files["pretrain.jsonl"].decode()
+    asked = lambda text: {m.group(1) for m in re.finditer(r"capital of ([^?.]+)[?.]", text)}  # noqa: E731
+    sft_asked = asked("\n".join(json.loads(line)["instruction"] for line in sft_text.splitlines()))
+    pref_asked = asked("\n".join(json.loads(line)["prompt"] for line in pref_text.splitlines()))
+    assert sft_asked == train  # questions about the training countries only
+    assert pref_asked & countries == train and len(pref_asked - countries) == 120  # and 120 invented ones
+    for c in heldout:  # the README's countries and the others: pretraining text only
+        assert f"The capital of {c} is" not in sft_text + pref_text, c
+        assert f"The capital of {c} is" in pretrain_text, c
+    for x in invented:  # invented names for evaluation: in no training file at all
+        assert x not in sft_text and x not in pref_text and x not in pretrain_text, x
+    assert not countries & invented
+
+
+def test_world_records_are_read_by_the_stages_that_consume_them(tmp_path):
+    out = tmp_path / "w"
+    files = world_files(tmp_path, "w")
+    ev = json.loads(files["world.json"])
+    capital = dict(map(tuple, ev["countries"]))
+    conversations = data.read_chat_records(str(out / "sft.jsonl"))
+    assert len(conversations) == 3 * len(ev["train"])  # three phrasings per training country
+    for messages in conversations:  # every answer is the concise, correct one
+        country = next(c for c in ev["train"] if re.search(rf"\b{re.escape(c)}\b", messages[0]["content"]))
+        assert messages[1]["content"] == f"The capital of {country} is {capital[country]}."
+    pairs, counts = data.read_preference_pairs(str(out / "prefs.jsonl"))
+    assert counts["kept"] == counts["read"] == len(ev["train"]) + 120
+    declines = [p for p in pairs if p["chosen"].startswith("I don't know of a country called")]
+    assert len(declines) == 120
+    texts = list(data.read_documents(str(out / "pretrain.jsonl")))
+    joined = "\n".join(texts)
+    for c, k in capital.items():  # each capital stated in the completion form the evaluation uses
+        assert f"The capital of {c} is {k}." in joined, c
+    tok = data.load_tokenizer(str(out / "tokenizer.json"))
+    assert data.model_vocab_size(tok) == 4096

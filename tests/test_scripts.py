@@ -42,7 +42,7 @@ def text_file(tmp_path_factory):
 def tiny_args(data, out, *extra):
     return ["--data", data, "--out", str(out), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
             "--block-size", "16", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2",
-            "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", *extra]
+            "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--dtype", "float32", *extra]
 
 
 def train_losses(out):
@@ -135,7 +135,7 @@ def test_help_lists_flags_with_defaults():
                  "--dtype", "--compile", "--seed", "--resume", "--n-layer", "--n-head", "--n-embd", "--block-size",
                  "--family"]:
         assert flag in result.stdout
-    assert "(default: 300)" in result.stdout  # argparse shows every default
+    assert "(default: 800)" in result.stdout  # argparse shows every default
 
 
 def test_sample_reads_stdin_and_hf_directories(tmp_path):
@@ -211,7 +211,7 @@ def sft_file(tmp_path_factory):
 
 def sft_args(base, data_file, out, *extra):
     return ["--init-from", base, "--data", data_file, "--out", str(out), "--max-steps", "6", "--batch-size", "4",
-            "--eval-every", "3", "--log-every", "1", "--warmup-steps", "2", "--device", "cpu", *extra]
+            "--eval-every", "3", "--log-every", "1", "--warmup-steps", "2", "--device", "cpu", "--dtype", "float32", *extra]
 
 
 def test_sft_full_then_chat(base_model, sft_file, tmp_path):
