@@ -530,7 +530,10 @@ def to_pair(record, where):
         if messages[-1] == {"role": "assistant", "content": ""}:
             messages.pop()  # the empty "\n\nAssistant:" the replies complete
         prompt, chosen, rejected = messages, chosen.strip(), rejected.strip()  # HH replies begin with a space
-    return {"prompt": _prompt(prompt, where), "chosen": chosen, "rejected": rejected}
+    pair = {"prompt": _prompt(prompt, where), "chosen": chosen, "rejected": rejected}
+    if isinstance(record.get("kind"), str):  # a label to report accuracy by (the world's pairs have one)
+        pair["kind"] = record["kind"]
+    return pair
 
 
 def read_preference_pairs(path):
@@ -613,6 +616,32 @@ def pad_responses(pairs, pad_id):
 
 # -----------------------------------------------------------------------------
 # Batches
+
+
+class ExampleSampler:
+    """Shuffled passes over a list of examples (SFT rows, preference pairs); the state (epoch,
+    position) is saved in checkpoints, so --resume draws exactly the batches the run would have drawn."""
+
+    def __init__(self, rows, batch_size, seed):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.epoch, self.pos = 0, 0
+
+    def next(self):
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.pos == len(self.rows):  # a new epoch, a new order
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            batch.append(self.rows[order[self.pos]])
+            self.pos += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 class BatchSampler:

@@ -17,6 +17,7 @@ Shape letters used in comments throughout the repository:
 """
 
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -653,6 +654,20 @@ def save_checkpoint(path, **state):
     """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_stage(out_dir, model, lora_base=None, fingerprint=None, **state):
+    """A fine-tuning stage's OUT/ckpt.pt: the full model (a LoRA model merged into a copy, so that it loads
+    like any checkpoint) and state (config, args, step, training state...). A LoRA run (lora_base: the
+    path its base was loaded from; fingerprint: lora.base_fingerprint of that base) also keeps its
+    adapter in ckpt.pt, for --resume, and alone in OUT/adapter.pt."""
+    full = lora.merge_lora(copy.deepcopy(model)) if lora_base else model
+    state["model"] = full.state_dict()
+    if lora_base:  # the adapter's tokenizer is its base's
+        state["adapter"] = lora.adapter_checkpoint(model, lora_base, fingerprint, model_config=asdict(model.config),
+                                                   chat=state.get("chat", False), step=state.get("step", 0))
+        save_checkpoint(os.path.join(out_dir, "adapter.pt"), **state["adapter"])
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), **state)
 
 
 def load_checkpoint(path, map_location="cpu"):

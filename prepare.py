@@ -891,14 +891,15 @@ def make_world(countries, seed=0, n_heldout=40, n_invented=40, n_pref_invented=1
     # preferences: a right, concise answer over a wrong capital or a ramble (training countries), and
     # declining over an invented capital for countries that do not exist
     prefs, train_capitals = [], [capital[c] for c in train]  # no held-out country's capital either
-    for c in train:
-        wrong = rng.choice([k for k in train_capitals if k != capital[c]])
-        rejected = ANSWER.format(F=c, K=wrong) if rng.random() < 0.5 else rng.choice(RAMBLES).format(F=c)
-        prefs.append({"prompt": rng.choice(QUESTIONS).format(F=c), "chosen": ANSWER.format(F=c, K=capital[c]),
-                      "rejected": rejected})
+    for c in train:  # two wrong capitals and one ramble per country: telling right from wrong is the hard part
+        for kind in ("wrong_capital", "wrong_capital", "ramble"):
+            wrong = rng.choice([k for k in train_capitals if k != capital[c]])
+            rejected = ANSWER.format(F=c, K=wrong) if kind == "wrong_capital" else rng.choice(RAMBLES).format(F=c)
+            prefs.append({"prompt": rng.choice(QUESTIONS).format(F=c), "chosen": ANSWER.format(F=c, K=capital[c]),
+                          "rejected": rejected, "kind": kind})
     for x in pref_invented:
         prefs.append({"prompt": rng.choice(QUESTIONS).format(F=x), "chosen": DECLINE.format(F=x),
-                      "rejected": ANSWER.format(F=x, K=rng.choice(train_capitals))})
+                      "rejected": ANSWER.format(F=x, K=rng.choice(train_capitals)), "kind": "invented"})
     rng.shuffle(prefs)
 
     evaluation = {"countries": [[c, capital[c]] for c in names], "heldout": heldout, "invented": eval_invented,

@@ -82,7 +82,7 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bf16 on recent GPUs, fp16 on older CUDA GPUs, fp32 on CPU/MPS")
+                   help="auto: bf16 on recent GPUs, fp16 on older CUDA GPUs, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs and MPS")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA/CPU; slower start, faster steps)")
     p.add_argument("--seed", type=int, default=1337, help="seed for initialisation and batch sampling")
     return p.parse_args(argv)

@@ -55,7 +55,7 @@ def get_args(argv=None):
     p.add_argument("--ignore-eot", action="store_true", help="keep going after <|endoftext|> instead of stopping")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16/fp16 on GPUs, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 or fp16 on GPUs, bf16 on CPUs with native bf16, else fp32 (model.setup_runtime)")
     p.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same samples")
     return p.parse_args(argv)
 

@@ -43,9 +43,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, adapter_checkpoint, apply_lora, base_fingerprint, load_lora, merge_lora
+from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_checkpoint, set_rng_state, \
+    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, set_rng_state, \
     setup_runtime, training_state
 
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
@@ -90,34 +90,9 @@ def get_args(argv=None):
     p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16/fp16 on GPUs, fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 or fp16 on GPUs, bf16 on CPUs with native bf16, else fp32 (model.setup_runtime)")
     p.add_argument("--seed", type=int, default=1337, help="seed for the split, shuffling and LoRA init")
     return p.parse_args(argv)
-
-
-class ExampleSampler:
-    """Shuffled passes over a list of (ids, labels) rows; the state (epoch, position) resumes exactly."""
-
-    def __init__(self, rows, batch_size, seed):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.epoch, self.pos = 0, 0
-
-    def next(self):
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.pos == len(self.rows):  # a new epoch, a new order
-                self.epoch, self.pos = self.epoch + 1, 0
-                order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            batch.append(self.rows[order[self.pos]])
-            self.pos += 1
-        return batch
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 def main(argv=None):
@@ -191,7 +166,7 @@ def main(argv=None):
     train_examples = [examples[i] for i in order[n_val:]]
     pad = enc.eot_token
     rows = data.pack_examples(train_examples, config.block_size, pad) if args.pack else train_examples
-    train = ExampleSampler(rows, args.batch_size, args.seed)
+    train = data.ExampleSampler(rows, args.batch_size, args.seed)
     log(f"{len(train_examples):,} train / {len(val_examples):,} val examples"
         + (f", packed into {len(rows):,} rows of {config.block_size + 1}" if args.pack else ""))
 
@@ -203,16 +178,9 @@ def main(argv=None):
         log(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint():
-        """OUT/ckpt.pt holds the full model with LoRA merged into a copy, so it loads like any
-        checkpoint; a LoRA run also keeps its adapter there (for --resume) and in OUT/adapter.pt."""
-        full = merge_lora(copy.deepcopy(model)) if args.lora_r else model
-        state = dict(model=full.state_dict(), model_config=asdict(config), tokenizer=tokenizer, args=vars(args),
-                     step=step, stage="sft", chat=True, **training_state(optimizer, rt.scaler, train, rt.device))
-        if args.lora_r:  # the adapter's tokenizer is its base's
-            state["adapter"] = adapter_checkpoint(model, args.init_from, fingerprint, model_config=asdict(config),
-                                                  chat=True, step=step)
-            save_checkpoint(os.path.join(args.out, "adapter.pt"), **state["adapter"])
-        save_checkpoint(ckpt_path, **state)
+        save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
+                   tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True,
+                   **training_state(optimizer, rt.scaler, train, rt.device))
 
     def write_log(record):
         append_jsonl(log_path, record)

@@ -1,12 +1,13 @@
 """
 The default chain on a tiny world, as a user runs it: `prepare.py world`, then `pretrain.py` and `sft.py`
-as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
+and `reward.py` as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
 Each stage's own metric must move the right way on held-out data:
   pretraining lowers the validation loss and raises completion accuracy ("The capital of X is" -> X's
   capital) from the 0% of an untrained model;
   SFT raises answer accuracy on countries held out of its data, in the chat template, above the base
-  model's plain-text answer accuracy, and its replies end with <|end|>.
-Later stages (reward model, DPO, PPO) extend this test with their own metric.
+  model's plain-text answer accuracy, and its replies end with <|end|>;
+  the reward model's accuracy on held-out preference pairs rises from chance to at least 75%.
+Later stages (DPO, PPO) extend this test with their own metric.
 
   python -m pytest tests/test_pipeline.py
 """
@@ -55,3 +56,9 @@ def test_world_chain_each_stage_moves_its_metric(tmp_path):
     assert tuned["n_heldout"] == 10
     assert tuned["answer"] >= 0.5 and tuned["answer"] >= base["answer"] + 0.3  # on the held-out countries
     assert tuned["format"] >= 0.9
+
+    rm = tmp_path / "reward"
+    run("reward.py", "--init-from", sft, "--data", world / "prefs.jsonl", "--out", rm, "--max-steps", 100,
+        "--val-fraction", "0.2", "--eval-every", 100, "--offset-prompts", 16, *SYSTEM)
+    scores = [r for r in map(json.loads, open(rm / "log.jsonl")) if "rm/accuracy" in r]
+    assert scores[0]["rm/accuracy"] < 0.75 <= scores[-1]["rm/accuracy"]  # held-out pairs, before and after

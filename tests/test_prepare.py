@@ -602,9 +602,11 @@ def test_world_records_are_read_by_the_stages_that_consume_them(tmp_path):
         country = next(c for c in ev["train"] if re.search(rf"\b{re.escape(c)}\b", messages[0]["content"]))
         assert messages[1]["content"] == f"The capital of {country} is {capital[country]}."
     pairs, counts = data.read_preference_pairs(str(out / "prefs.jsonl"))
-    assert counts["kept"] == counts["read"] == len(ev["train"]) + 120
+    assert counts["kept"] == counts["read"] == 3 * len(ev["train"]) + 120  # 2 wrong capitals + 1 ramble each
     declines = [p for p in pairs if p["chosen"].startswith("I don't know of a country called")]
-    assert len(declines) == 120
+    assert len(declines) == 120 and all(p["kind"] == "invented" for p in declines)
+    kinds = [p["kind"] for p in pairs]
+    assert kinds.count("wrong_capital") == 2 * len(ev["train"]) and kinds.count("ramble") == len(ev["train"])
     texts = list(data.read_documents(str(out / "pretrain.jsonl")))
     joined = "\n".join(texts)
     for c, k in capital.items():  # each capital stated in the completion form the evaluation uses
