@@ -897,9 +897,12 @@ def make_world(countries, seed=0, n_heldout=40, n_invented=40, n_pref_invented=1
             rejected = ANSWER.format(F=c, K=wrong) if kind == "wrong_capital" else rng.choice(RAMBLES).format(F=c)
             prefs.append({"prompt": rng.choice(QUESTIONS).format(F=c), "chosen": ANSWER.format(F=c, K=capital[c]),
                           "rejected": rejected, "kind": kind})
-    for x in pref_invented:
+    for x in pref_invented:  # the invented answer names the unknown country, or (as SFT models do) a real one
+        other = rng.choice(train)
+        rejected = ANSWER.format(F=x, K=rng.choice(train_capitals)) if rng.random() < 0.5 else \
+            ANSWER.format(F=other, K=capital[other])
         prefs.append({"prompt": rng.choice(QUESTIONS).format(F=x), "chosen": DECLINE.format(F=x),
-                      "rejected": ANSWER.format(F=x, K=rng.choice(train_capitals)), "kind": "invented"})
+                      "rejected": rejected, "kind": "invented"})
     rng.shuffle(prefs)
 
     evaluation = {"countries": [[c, capital[c]] for c in names], "heldout": heldout, "invented": eval_invented,

@@ -1,13 +1,14 @@
 """
 The default chain on a tiny world, as a user runs it: `prepare.py world`, then `pretrain.py` and `sft.py`
-and `reward.py` as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
+`reward.py` and `dpo.py` as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
 Each stage's own metric must move the right way on held-out data:
   pretraining lowers the validation loss and raises completion accuracy ("The capital of X is" -> X's
   capital) from the 0% of an untrained model;
   SFT raises answer accuracy on countries held out of its data, in the chat template, above the base
   model's plain-text answer accuracy, and its replies end with <|end|>;
-  the reward model's accuracy on held-out preference pairs rises from chance to at least 75%.
-Later stages (DPO, PPO) extend this test with their own metric.
+  the reward model's accuracy on held-out preference pairs rises from chance to at least 75%;
+  DPO raises abstention on invented countries while keeping held-out answers.
+Later stages (PPO) extend this test with their own metric.
 
   python -m pytest tests/test_pipeline.py
 """
@@ -20,7 +21,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_WORLD = ["--n-countries", "40", "--heldout", "10", "--invented", "5", "--pref-invented", "10",
+TINY_WORLD = ["--n-countries", "40", "--heldout", "10", "--invented", "10", "--pref-invented", "60",
               "--statements", "40", "--stories-docs", "0", "--vocab-size", "512"]
 TINY_MODEL = ["--n-layer", "2", "--n-head", "4", "--n-embd", "128", "--block-size", "64"]
 SYSTEM = ["--device", "cpu", "--dtype", "float32"]
@@ -62,3 +63,11 @@ def test_world_chain_each_stage_moves_its_metric(tmp_path):
         "--val-fraction", "0.2", "--eval-every", 100, "--offset-prompts", 16, *SYSTEM)
     scores = [r for r in map(json.loads, open(rm / "log.jsonl")) if "rm/accuracy" in r]
     assert scores[0]["rm/accuracy"] < 0.75 <= scores[-1]["rm/accuracy"]  # held-out pairs, before and after
+
+    aligned = tmp_path / "dpo"
+    run("dpo.py", "--init-from", sft, "--data", world / "prefs.jsonl", "--out", aligned, "--max-steps", 100,
+        "--eval-every", 100, "--lr", "1e-4", *SYSTEM)
+    after = read(aligned / "eval.json")
+    pairs = [r for r in map(json.loads, open(aligned / "log.jsonl")) if "val/accuracy" in r]
+    assert pairs[-1]["val/accuracy"] >= 0.8  # DPO's implicit reward ranks the held-out pairs
+    assert after["abstention"] > tuned["abstention"]  # invented countries in no training file: now declined

@@ -1,0 +1,340 @@
+"""
+Direct Preference Optimization: align the SFT model on preference pairs, with no reward model.
+
+The guide's simpler alternative to RLHF. The same preference pairs (x, y_w preferred, y_l rejected), but
+no reward model and no reinforcement learning: Rafailov et al. (2023) show that the policy that maximises
+a reward under a KL penalty to a reference π_ref satisfies r(x, y) = β·log π(y|x)/π_ref(y|x) + const, so
+the Bradley-Terry loss of the reward model can be written on the policy itself (DPO, Eq. 7):
+
+    L = −log σ(β·[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])
+
+The policy learns to raise the chosen answer's probability relative to the reference more than the
+rejected one's; β sets how far it may move from π_ref. π_ref is the SFT model, frozen: its log-
+probabilities are computed once before training and cached (no second model held), or, with LoRA and
+--ref lora, on the fly as the same model with its adapters disabled (lora.lora_disabled).
+
+Departures from the paper: sequence log-probabilities are sums over response tokens (as the reference
+code does; rasbt's notebook averages instead, which removes the length effect); --loss ipo and
+--label-smoothing give IPO (Azar et al. 2023) and conservative DPO (Mitchell 2023).
+
+Reads:  --init-from the SFT checkpoint (default out/sft); --data preference pairs (default the world's).
+Writes: OUT/ckpt.pt (a chat model, as sft.py writes), OUT/adapter.pt (LoRA), OUT/log.jsonl, OUT/eval.json.
+
+  python dpo.py                                      # out/sft -> out/dpo on the world's pairs
+  python dpo.py --lora-r 8 --ref lora                # LoRA; the reference is the model with adapters off
+  python dpo.py --loss ipo --beta 0.5
+  python dpo.py --max-steps 10 --eval-every 5 --device cpu   # seconds
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
+    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, set_rng_state, \
+    setup_runtime, training_state
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair DPO losses and implicit rewards.
+
+    h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))   the two log-ratios' difference
+    sigmoid: L = −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)     (DPO, Eq. 7; ε > 0 is conservative DPO: a pair is
+             taken to be mislabelled with probability ε, so the flipped pair's loss is mixed in)
+    ipo:     L = (h − 1/(2β))²                            (Azar et al. 2023, Eq. 17: a target gap, not "more")
+    rewards: r = β·(log π(y|x) − log π_ref(y|x)), detached: what DPO's policy implies as a reward model.
+
+    Shape: every argument (B,), sequence log-probabilities (sums over response tokens). Returns
+    (losses, chosen_rewards, rejected_rewards), each (B,). log σ is F.logsigmoid: finite for any h.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    h = pi_logratios - ref_logratios                                     # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: choose sigmoid or ipo")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(model, rows, pad_id, device):
+    """Σ_t log π(y_t | x, y_<t) over the response tokens of each (prompt_ids, response_ids) row, (N,).
+
+    Rows are right-padded; the target at position t is the token at t + 1 where that token belongs to
+    the response, IGNORE_INDEX elsewhere (prompt and padding add nothing), and model.logprobs_of runs
+    lm_head on the response positions only.
+    """
+    ids, _, response_mask = data.pad_responses(rows, pad_id)                 # (N, T) each
+    targets = ids[:, 1:].masked_fill(~response_mask[:, 1:], IGNORE_INDEX)    # (N, T-1)
+    return model.logprobs_of(ids[:, :-1].to(device), targets.to(device)).sum(-1)  # (N, T-1) -> (N,)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # I/O
+    p.add_argument("--init-from", default="out/sft", help="the SFT checkpoint: the policy's start and the reference π_ref")
+    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "world", "prefs.jsonl"),
+                   help="preference pairs .jsonl: prompt/chosen/rejected, HH-RLHF transcripts, or OpenAI's format")
+    p.add_argument("--out", default="out/dpo", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for the metrics")
+    # DPO
+    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO's −log σ(βh), or IPO's (h − 1/2β)²")
+    p.add_argument("--beta", type=float, default=0.1, help="β: how far the policy may move from π_ref (0.1-0.5 typical)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="ε of conservative DPO: assumed share of flipped labels (0 = off)")
+    p.add_argument("--sft-coef", type=float, default=1.0,
+                   help="α of an added NLL term on the chosen answers, α·(−log π(y_w|x))/|y_w| (RPO, Pang et al. 2024; 0 = pure DPO)")
+    p.add_argument("--ref", default="cached", choices=["cached", "lora"],
+                   help="π_ref's log-probs: cached once before training, or on the fly with LoRA adapters disabled")
+    # LoRA (--lora-r 0 = full fine-tuning)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
+    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
+    # optimization
+    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x sequences per forward pass)")
+    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 2e-5 full, 5e-4 LoRA)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    # evaluation and logging
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out metrics and checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    # system
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
+    p.add_argument("--seed", type=int, default=1337, help="seed for the split and shuffling")
+    args = p.parse_args(argv)
+    if args.ref == "lora" and not args.lora_r:
+        p.error("--ref lora needs --lora-r: the reference is the model with its adapters disabled")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    lr = args.lr or (5e-4 if args.lora_r else 2e-5)
+
+    # ---- setup -----------------------------------------------------------------------------------
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    log = tqdm.write
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if args.resume and not os.path.exists(ckpt_path):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume:
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref"], log)
+
+    # ---- model: the SFT model, the reference π_ref and the policy's start ------------------------
+    try:
+        model, src = load_model(args.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: --init-from: {e}")
+    tokenizer = data.checkpoint_tokenizer(src)
+    enc = data.get_encoding(tokenizer)
+    config = model.config
+    model.to(rt.device)
+
+    # ---- data: pairs -> token ids; a held-out split ------------------------------------------------
+    try:
+        pairs, counts = data.read_preference_pairs(args.data)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    rows, n_dropped = [], 0
+    for pair in pairs:
+        prompt, chosen, rejected = data.render_pair(enc, pair)
+        room = config.block_size + 1 - max(len(chosen), len(rejected))  # + 1: the last token is only a target
+        if room < 1:
+            n_dropped += 1
+            continue
+        rows.append({"prompt": prompt[-room:], "chosen": chosen, "rejected": rejected, "kind": pair.get("kind", "all")})
+    log(f"{counts['read']:,} pairs from {args.data}: {len(rows):,} used, {counts['identical'] + counts['empty']:,} "
+        f"identical or empty skipped, {n_dropped:,} dropped (a response over the context)")
+    if len(rows) < 2:
+        sys.exit(f"error: {args.data}: fewer than 2 usable pairs")
+    pad = enc.eot_token
+
+    def policy_logps(batch):
+        """(chosen, rejected) sequence log-probs, each (B,): both halves in one forward pass."""
+        both = [(r["prompt"], r["chosen"]) for r in batch] + [(r["prompt"], r["rejected"]) for r in batch]
+        logps = sequence_logps(model, both, pad, rt.device)                  # (2B,)
+        return logps[:len(batch)], logps[len(batch):]
+
+    @torch.no_grad()
+    def reference_logps(batch):
+        """π_ref's (chosen, rejected): the cached numbers, or the model with its adapters disabled."""
+        if args.ref == "cached":
+            return (torch.tensor([r["ref_chosen"] for r in batch], device=rt.device),
+                    torch.tensor([r["ref_rejected"] for r in batch], device=rt.device))
+        was_training = model.training
+        model.eval()
+        with lora_disabled(model), rt.autocast():
+            out = policy_logps(batch)
+        model.train(was_training)
+        return out[0].float(), out[1].float()
+
+    if args.ref == "cached":  # π_ref = the model as loaded, run once over every pair (eval mode: no dropout)
+        model.eval()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(rows), args.batch_size), desc="reference log-probs", leave=False):
+                batch = rows[i:i + args.batch_size]
+                with rt.autocast():
+                    chosen, rejected = policy_logps(batch)
+                for r, c, j in zip(batch, chosen.float().tolist(), rejected.float().tolist()):
+                    r["ref_chosen"], r["ref_rejected"] = c, j
+
+    # ---- the policy: LoRA on the reference, or all of it trains; the state of a run we resume ---
+    fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded
+    if args.lora_r and resume:
+        load_lora(model, resume["adapter"])
+    elif args.lora_r:
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    elif resume:
+        model.load_state_dict(resume["model"])
+    model.to(rt.device)
+    log(f"model_config: {json.dumps(asdict(config))}\nargs: {json.dumps(vars(args))}")
+    log(f"DPO ({args.loss}, β={args.beta}) from {args.init_from}: "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters on {rt.device} ({rt.why})")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = max(1, int(len(rows) * args.val_fraction))
+    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+    train = data.ExampleSampler(train_rows, args.batch_size, args.seed)
+
+    def pair_metrics(batch, prefix):
+        """Loss and DPO's implicit-reward statistics of a batch, with the loss tensor for backward."""
+        chosen, rejected = policy_logps(batch)
+        ref_chosen, ref_rejected = reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen.float(), rejected.float(), ref_chosen, ref_rejected,
+                                                            args.beta, args.loss, args.label_smoothing)
+        if args.sft_coef > 0:  # keep the chosen answers likely, token by token, not only likelier than the rejected
+            n_tokens = torch.tensor([len(r["chosen"]) for r in batch], device=rt.device)
+            losses = losses + args.sft_coef * (-chosen.float() / n_tokens)
+        return losses, {f"{prefix}/loss": losses.mean().item(),
+                        "accuracy": (chosen_rewards > rejected_rewards).float(),  # per pair; averaged below
+                        "margin": (chosen_rewards - rejected_rewards), "chosen_reward": chosen_rewards,
+                        "rejected_reward": rejected_rewards, "chosen_logp": chosen.detach().float(),
+                        "rejected_logp": rejected.detach().float()}
+
+    def summarise(stats, prefix):
+        return {k if k.startswith(prefix) else f"{prefix}/{k}": (v if isinstance(v, float) else v.mean().item())
+                for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate():
+        """The held-out pairs' loss, reward accuracy (overall and per kind), margin, rewards and log-probs."""
+        model.eval()
+        parts = []
+        for i in range(0, len(val_rows), args.batch_size):
+            with rt.autocast():
+                parts.append(pair_metrics(val_rows[i:i + args.batch_size], "val")[1])
+        model.train()
+        joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "val/loss"}
+        result = summarise(joined, "val")
+        result["val/loss"] = sum(p["val/loss"] * len(p["margin"]) for p in parts) / len(val_rows)
+        kinds = [r["kind"] for r in val_rows]
+        for kind in sorted(set(kinds)):
+            result[f"val/accuracy_{kind}"] = joined["accuracy"][torch.tensor([k == kind for k in kinds])].mean().item()
+        return result
+
+    # ---- optimizer ---------------------------------------------------------------------------------
+    optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
+    step = 0
+    if resume:
+        step = restore_training_state(resume, optimizer, rt.scaler, train)
+        log(f"resuming from {ckpt_path} at step {step}")
+
+    def checkpoint():
+        save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
+                   tokenizer=tokenizer, args=vars(args), step=step, stage="dpo", chat=True,
+                   **training_state(optimizer, rt.scaler, train, rt.device))
+
+    if resume:
+        set_rng_state(resume["rng"], rt.device)
+
+    # ---- training loop: evaluate -> checkpoint -> step -> log --------------------------------------
+    metrics, stopped_early, first_val = {}, False, None
+    model.train()
+    t_last = time.perf_counter()
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="dpo", dynamic_ncols=True) as bar:
+        while True:
+            last = step == args.max_steps
+            if step % args.eval_every == 0 or last:
+                metrics.update(evaluate())
+                first_val = first_val or metrics["val/chosen_logp"]
+                log(f"step {step}/{args.max_steps} | val loss {metrics['val/loss']:.4f} | reward accuracy "
+                    f"{metrics['val/accuracy']:.1%} | margin {metrics['val/margin']:.3f} | chosen log-prob "
+                    f"{metrics['val/chosen_logp']:.2f} | rejected {metrics['val/rejected_logp']:.2f} | "
+                    + ", ".join(f"{k.removeprefix('val/accuracy_')} {v:.0%}" for k, v in metrics.items()
+                                if k.startswith("val/accuracy_")))
+                append_jsonl(log_path, {"step": step, **{k: v for k, v in metrics.items() if k.startswith("val/")}})
+                if step > 0:
+                    checkpoint()
+                t_last = time.perf_counter()
+            if last:
+                break
+
+            batch = train.next()
+            with rt.autocast():
+                losses, stats = pair_metrics(batch, "train")
+            rt.scaler.scale(losses.mean()).backward()
+            grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
+                                       args.grad_clip)
+            record = summarise(stats, "train")
+            check_finite(record["train/loss"], step, ckpt_path)
+            step += 1
+
+            t_now = time.perf_counter()
+            dt, t_last = t_now - t_last, t_now
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.0%}",
+                            pairs_s=f"{len(batch) / dt:,.1f}")
+            if step % args.log_every == 0 or step == 1:
+                log(f"step {step}/{args.max_steps} | loss {record['train/loss']:.4f} | reward accuracy "
+                    f"{record['train/accuracy']:.1%} | margin {record['train/margin']:.3f} | grad norm {grad_norm:.2f}"
+                    f" | {dt * 1000:.0f} ms | {len(batch) / dt:,.1f} pairs/s")
+                append_jsonl(log_path, {"step": step, **record, "grad_norm": grad_norm, "dt_ms": dt * 1000,
+                                        "pairs_per_s": len(batch) / dt})
+            if stop.requested or step == args.stop_at:
+                checkpoint()
+                stopped_early = True
+                break
+
+    if stopped_early:
+        log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
+        return {"step": step, **metrics}
+    # the chosen answers' log-probability should not collapse while the margin grows (a known DPO failure)
+    metrics["dpo/chosen_logp_drift"] = metrics["val/chosen_logp"] - first_val
+    log(f"done: step {step}, held-out reward accuracy {metrics['val/accuracy']:.1%}; chosen log-prob "
+        f"{first_val:.2f} -> {metrics['val/chosen_logp']:.2f}")
+
+    # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------
+    world_dir = data.world_of(args.data)
+    if world_dir:
+        scores = data.evaluate_world(model, enc, data.load_world(world_dir), True, rt.device, rt.autocast)
+        atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(json.dumps(scores, indent=1).encode()))
+        log(f"world: {data.format_world_metrics(scores)}")
+        metrics["world"] = scores
+    log(f"checkpoint: {ckpt_path}\nagainst SFT: python reward.py compare --model out/reward --a {args.out} "
+        f"--b {args.init_from}")
+    return {"step": step, **metrics}
+
+
+if __name__ == "__main__":
+    main()
