@@ -836,6 +836,17 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
     }
 
 
+def world_report(model, enc, data_path, chat, device, autocast, out_dir):
+    """A stage's closing evaluation: when its --data belongs to a world (world_of), evaluate_world on it,
+    written to OUT/eval.json; returns the metrics, or None for other data."""
+    world_dir = world_of(data_path)
+    if world_dir is None:
+        return None
+    scores = evaluate_world(model, enc, load_world(world_dir), chat, device, autocast)
+    atomic_write(os.path.join(out_dir, "eval.json"), lambda f: f.write(json.dumps(scores, indent=1).encode()))
+    return scores
+
+
 def format_world_metrics(metrics):
     """evaluate_world's metrics on one line, e.g. "completion 97.5% | answer 80.0% | abstention 65.0% |
     over-refusal 2.5% | format 100.0%"; a metric that does not apply (None) is left out."""

@@ -40,9 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, resume_args, save_checkpoint, set_rng_state, \
-    setup_runtime, training_state
+from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
+    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, resume_args, save_checkpoint, \
+    set_rng_state, setup_runtime, training_state
 
 
 def get_args(argv=None):
@@ -251,10 +251,10 @@ def main(argv=None):
     log(f"done: step {step}, val loss {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bits/byte)")
 
     # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------
-    world_dir = data.world_of(args.data)
-    if world_dir and rt.master:
-        scores = data.evaluate_world(raw_model, enc, data.load_world(world_dir), False, rt.device, rt.autocast)
-        atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(json.dumps(scores, indent=1).encode()))
+    scores = None
+    if rt.master:  # a base model: plain-text prompts (chat=False)
+        scores = data.world_report(raw_model, enc, args.data, False, rt.device, rt.autocast, args.out)
+    if scores:
         log(f"world: {data.format_world_metrics(scores)} (a base model: it completes facts, it does not answer)")
         metrics["world"] = scores
     log(f"checkpoint: {ckpt_path}\nsample from it: python sample.py --init-from {args.out} --prompt "

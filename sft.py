@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
     load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, set_rng_state, \
     setup_runtime, training_state
 
@@ -271,10 +271,8 @@ def main(argv=None):
     log(f"done: step {step}, val loss {metrics['val/loss']:.4f}")
 
     # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------
-    world_dir = data.world_of(args.data)
-    if world_dir:
-        scores = data.evaluate_world(model, enc, data.load_world(world_dir), True, rt.device, rt.autocast)
-        atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(json.dumps(scores, indent=1).encode()))
+    scores = data.world_report(model, enc, args.data, True, rt.device, rt.autocast, args.out)
+    if scores:
         log(f"world: {data.format_world_metrics(scores)} (answer: on countries held out of this data)")
         metrics["world"] = scores
     log(f"checkpoint: {ckpt_path}\nchat with it: python sample.py --init-from {args.out} --chat")

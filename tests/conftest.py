@@ -35,3 +35,16 @@ def tiny_config():
 def enc():
     """GPT-2's tiktoken encoding, built offline from data/tokenizer/gpt2.tiktoken (once per session)."""
     return data.get_encoding(data.gpt2_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """An untrained tiny chat checkpoint with GPT-2's tokenizer (directory path): what the reward model
+    and DPO start from in their tests."""
+    from dataclasses import asdict
+    path = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, **model.FAMILIES["modern"])
+    model.save_checkpoint(str(path / "ckpt.pt"), model=model.GPT(config).state_dict(), model_config=asdict(config),
+                          tokenizer=data.gpt2_tokenizer(), chat=True, step=0)
+    return str(path)

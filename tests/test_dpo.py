@@ -11,13 +11,11 @@ exact resume; one-line errors.
 import json
 import math
 import random
-from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import dpo
 import model
 from dpo import dpo_loss
@@ -87,13 +85,8 @@ def test_sequence_logps_sum_response_tokens_only(tiny_config):
 # The script
 
 @pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sft")
-    torch.manual_seed(0)
-    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, **model.FAMILIES["modern"])
-    model.save_checkpoint(str(path / "ckpt.pt"), model=model.GPT(config).state_dict(), model_config=asdict(config),
-                          tokenizer=data.gpt2_tokenizer(), chat=True, step=0)
-    return str(path)
+def tiny_sft(tiny_chat_model):
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")

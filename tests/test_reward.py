@@ -12,12 +12,10 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 
-import data
 import model
 import reward
 from reward import bradley_terry_loss
@@ -72,14 +70,8 @@ def test_scores_are_read_at_the_last_token_of_each_pair(tiny_config):
 # The script
 
 @pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory):
-    """An untrained tiny chat model with GPT-2's tokenizer: the body a reward model starts from."""
-    path = tmp_path_factory.mktemp("sft")
-    torch.manual_seed(0)
-    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, **model.FAMILIES["modern"])
-    model.save_checkpoint(str(path / "ckpt.pt"), model=model.GPT(config).state_dict(), model_config=asdict(config),
-                          tokenizer=data.gpt2_tokenizer(), chat=True, step=0)
-    return str(path)
+def tiny_sft(tiny_chat_model):
+    return tiny_chat_model
 
 
 @pytest.fixture(scope="module")
