@@ -40,10 +40,8 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, set_rng_state, \
-    setup_runtime, training_state
-
-
+    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
+    set_rng_state, setup_runtime, training_state
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
              loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair DPO losses and implicit rewards.
@@ -108,14 +106,14 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
     p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x sequences per forward pass)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x sequences per forward pass)")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 2e-5 full, 5e-4 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     # evaluation and logging
-    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out metrics and checkpoints")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out metrics and checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
@@ -140,7 +138,8 @@ def main(argv=None):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume:
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref"], log)
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref"], log,
+                    warn=("max_steps", "batch_size", "lr"))
 
     # ---- model: the SFT model, the reference π_ref and the policy's start ------------------------
     try:

@@ -68,8 +68,13 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        # errors, not asserts: `python -O` drops asserts, and these guard what a user types
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary embeddings rotate pairs: the head size {self.n_embd // self.n_head} must be even")
 
     @classmethod
     def from_dict(cls, d):
@@ -190,7 +195,8 @@ class CausalSelfAttention(nn.Module):
         else:
             if mask is None:  # query i sits at cache slot pos+i and may look at keys 0..pos+i
                 mask = self.causal_mask[pos:pos + T, :pos + T]    # (T, Tk)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+            # scale q before the product, not the scores after: fp16 q·kᵀ can overflow (max 65,504) first
+            att = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
             att = att.masked_fill(~mask, float("-inf"))           # no looking at future tokens or padding
             att = F.softmax(att.float(), dim=-1).type_as(q)       # each row sums to 1
             att = F.dropout(att, p_drop, self.training)
@@ -362,7 +368,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0  # cache slot of idx's first token
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
         mask = None  # plain causal attention
         if pad_mask is None and (cache is None or cache.real is None):
             pos_ids = torch.arange(start, start + T, device=idx.device)               # (T,)
@@ -389,7 +396,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = None
         if self.pos_emb is None:
-            cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (T, D/2) or (B, T, D/2)
+            cos, sin = self.rope_cos[pos_ids].float(), self.rope_sin[pos_ids].float()  # (T, D/2) or (B, T, D/2);
+            # fp32 even in a model cast to bf16: positions 0..T need the precision, bf16 has 8 bits of it
             rope = (cos, sin) if pos_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # broadcast over H
         for block in self.blocks:
             x = block(x, rope, cache, mask)
@@ -497,11 +505,16 @@ class GPT(nn.Module):
         assert not missing, f"not loaded: {sorted(missing)}"
         return model
 
+    def exports_to_hf(self):
+        """True for the gpt2 family with tied embeddings and no GQA: what the GPT-2 format can hold."""
+        c = self.config
+        return (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head) == \
+            ("learned", "layernorm", "gelu", True, True, c.n_head) and not c.score_head
+
     def save_pretrained(self, path):
         """Export to the Hugging Face GPT-2 format (config.json + pytorch_model.bin)."""
         c = self.config
-        if (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings) != ("learned", "layernorm", "gelu", True, True) \
-                or c.n_kv_head != c.n_head:
+        if not self.exports_to_hf():
             raise ValueError("only the gpt2 family (with tied embeddings, no GQA) exports to the GPT-2 format")
         os.makedirs(path, exist_ok=True)
         sd = self.state_dict()
@@ -663,7 +676,8 @@ def save_stage(out_dir, model, lora_base=None, fingerprint=None, **state):
     adapter in ckpt.pt, for --resume, and alone in OUT/adapter.pt."""
     full = lora.merge_lora(copy.deepcopy(model)) if lora_base else model
     state["model"] = full.state_dict()
-    if lora_base:  # the adapter's tokenizer is its base's
+    if lora_base:  # the adapter's tokenizer is its base's; an absolute base path loads from any directory
+        lora_base = os.path.abspath(lora_base) if os.path.exists(lora_base) else lora_base
         state["adapter"] = lora.adapter_checkpoint(model, lora_base, fingerprint, model_config=asdict(model.config),
                                                    chat=state.get("chat", False), step=state.get("step", 0))
         save_checkpoint(os.path.join(out_dir, "adapter.pt"), **state["adapter"])
@@ -803,14 +817,28 @@ def restore_training_state(ckpt, optimizer, scaler, sampler):
     return ckpt["step"]
 
 
-def resume_args(args, saved_args, names, log=print):
+def positive_int(text):
+    """argparse type for counts that divide a step number (--eval-every, --log-every): 0 would divide by 0."""
+    import argparse
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def resume_args(args, saved_args, names, log=print, warn=()):
     """On --resume the model must be the one that was trained: take the flags in names (LoRA rank,
-    targets, ...) from the checkpoint's args, and say so where the command line asked for another value."""
+    targets, ...) from the checkpoint's args, and say so where the command line asked for another value.
+    The flags in warn (steps, batch size, learning rate) keep the command line's value, with a warning."""
     for name in names:
         if getattr(args, name) != saved_args[name]:
             log(f"--resume: --{name.replace('_', '-')} {saved_args[name]} from the checkpoint "
                 f"(the command line gave {getattr(args, name)})")
             setattr(args, name, saved_args[name])
+    for name in warn:  # flags that may change on resume, but then the run is not the one that was started
+        if name in saved_args and getattr(args, name) != saved_args[name]:
+            log(f"--resume: warning: --{name.replace('_', '-')} was {saved_args[name]}, now {getattr(args, name)}: "
+                f"the schedule and batches differ from the interrupted run's")
 
 
 @dataclass
@@ -876,7 +904,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     if dtype == "auto":
         dtype, why = "float32", f"auto: fp32 on {device.type}"
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # native bf16 only: torch counts emulation too, which would give T4/V100 slow bf16, not fp16
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
             why = f"auto: {dtype} on this GPU"
         elif device.type == "cpu" and cpu_has_native_bf16():
             dtype, why = "bfloat16", "auto: bf16, this CPU has native bf16 matmuls (avx512_bf16 or amx_bf16)"

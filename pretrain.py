@@ -41,10 +41,8 @@ from tqdm import tqdm
 
 import data
 from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, peak_flops, restore_training_state, resume_args, save_checkpoint, \
-    set_rng_state, setup_runtime, training_state
-
-
+    load_checkpoint, load_model, optimizer_step, peak_flops, positive_int, restore_training_state, resume_args, \
+    save_checkpoint, set_rng_state, setup_runtime, training_state
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -65,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 = off)")
     # optimization
     p.add_argument("--max-steps", type=int, default=800, help="optimizer steps; the learning-rate schedule ends here")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches summed into one optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (small models tolerate 1e-3..3e-3; GPT-2 124M: 6e-4)")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
@@ -74,9 +72,9 @@ def get_args(argv=None):
                         "capitals from being memorised)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     # evaluation and logging
-    p.add_argument("--eval-every", type=int, default=200, help="steps between validation runs and checkpoints")
+    p.add_argument("--eval-every", type=positive_int, default=200, help="steps between validation runs and checkpoints")
     p.add_argument("--eval-batches", type=int, default=10, help="validation batches per evaluation")
-    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    p.add_argument("--log-every", type=positive_int, default=25, help="steps between log lines")
     p.add_argument("--sample-prompt", default="The capital of France is", help="prompt for the sample printed at each evaluation")
     p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step, as if interrupted (-1 = off)")
     # system
@@ -104,7 +102,7 @@ def main(argv=None):
     if args.resume:  # the model is the checkpoint's, whatever the shape flags say now
         ckpt = load_checkpoint(ckpt_path)
         resume_args(args, ckpt["args"], ["family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout"],
-                    log)
+                    log, warn=("max_steps", "batch_size", "grad_accum", "lr"))
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         tokenizer = ckpt["tokenizer"]
@@ -215,8 +213,9 @@ def main(argv=None):
                 # DDP averages gradients across processes during backward; doing that on every
                 # micro-batch would waste bandwidth, so only the last one synchronises
                 sync = micro == args.grad_accum - 1
-                with (model.no_sync() if rt.ddp and not sync else nullcontext()), rt.autocast():
-                    _, loss = model(x, y)
+                with model.no_sync() if rt.ddp and not sync else nullcontext():
+                    with rt.autocast():  # the forward pass only: PyTorch advises backward outside autocast
+                        _, loss = model(x, y)
                     # the gradient of a mean over all micro-batches: divide each one's loss
                     rt.scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.detach()

@@ -40,11 +40,9 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora
-from model import GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, \
-    last_token, load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, \
+from model import GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, last_token, \
+    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
     set_rng_state, setup_runtime, training_state
-
-
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
     """L = mean over pairs of −log σ(r_w − r_l − m)        (Bradley-Terry; InstructGPT, Eq. 1)
 
@@ -94,7 +92,7 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
     p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (2x sequences per forward pass)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x sequences per forward pass)")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 5e-5 full, 1e-3 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
@@ -104,8 +102,8 @@ def get_args(argv=None):
     p.add_argument("--center-coef", type=float, default=0.0, help="c of the reward-centering penalty c·(r_w + r_l)² (0 = off)")
     p.add_argument("--offset-prompts", type=int, default=128, help="training prompts the SFT model answers to set the score's zero (0 = no shift)")
     # evaluation and logging
-    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out accuracy and checkpoints")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out accuracy and checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
@@ -130,7 +128,8 @@ def main(argv=None):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume:
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log)
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log,
+                    warn=("max_steps", "batch_size", "lr"))
 
     # ---- model: the SFT body, a score head, LoRA if asked -----------------------------------------
     try:

@@ -45,9 +45,8 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, restore_training_state, resume_args, save_stage, set_rng_state, \
-    setup_runtime, training_state
-
+    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
+    set_rng_state, setup_runtime, training_state
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
 # France, Japan and Italy are held out of the world's instruction data; Atlantis is in no data at all.
 EVAL_PROMPTS = ["What is the capital of France?", "Which city is the capital of Japan?",
@@ -78,15 +77,15 @@ def get_args(argv=None):
                    help="module name suffixes to adapt: attn.qkv attn.proj mlp.fc mlp.proj")
     # optimization
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="examples (or packed rows) per micro-batch")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples (or packed rows) per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     # evaluation and logging
-    p.add_argument("--eval-every", type=int, default=100, help="steps between validation, sample answers and checkpoints")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation, sample answers and checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
@@ -108,7 +107,8 @@ def main(argv=None):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume:  # the model must be the one that was trained, whatever the command line says now
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log)
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log,
+                    warn=("max_steps", "batch_size", "lr"))
 
     # ---- model: the base, room for the chat tokens, then LoRA if asked ----------------------------
     try:
@@ -133,6 +133,9 @@ def main(argv=None):
         elif resume:
             model.load_state_dict(resume["model"])
     config = model.config
+    if args.export_hf and not model.exports_to_hf():  # say so now, not after training
+        sys.exit(f"error: --export-hf: {args.init_from} is not a gpt2-family model (pretrain.py --family gpt2); "
+                 f"only those export to the Hugging Face GPT-2 format")
     model.to(rt.device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

@@ -872,3 +872,56 @@ def test_resize_vocab_new_rows_distinct_near_the_mean_and_deterministic(tiny_con
     again = make_model(tiny_config("gpt2", vocab_size=100))
     again.resize_vocab(110)
     torch.testing.assert_close(again.tok_emb.weight, m.tok_emb.weight, rtol=0, atol=0)  # same base, same rows
+
+
+# -----------------------------------------------------------------------------
+# Robustness: errors that survive `python -O`, the schedule, resume warnings
+
+def test_config_errors_are_exceptions_not_asserts():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        model.GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        model.GPTConfig(n_embd=32, n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="head size 5 must be even"):
+        model.GPTConfig(n_embd=20, n_head=4, **model.FAMILIES["modern"])
+    m = GPT(model.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="sequence of 9 tokens > block_size 8"):
+        m(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_get_lr_warmup_cosine_and_end():
+    # warmup 10 to max_lr 1.0: step 0 -> 0.1, step 9 -> 1.0; cosine to 0.1 at max_steps 110
+    assert model.get_lr(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert model.get_lr(9, 1.0, 10, 110) == pytest.approx(1.0)
+    assert model.get_lr(10, 1.0, 10, 110) == pytest.approx(1.0)          # cosine starts at the top
+    assert model.get_lr(60, 1.0, 10, 110) == pytest.approx(0.55)         # half way: 0.1 + 0.5·0.9
+    assert model.get_lr(110, 1.0, 10, 110) == pytest.approx(0.1)         # min_lr_ratio · max_lr
+    assert model.get_lr(500, 1.0, 10, 110) == pytest.approx(0.1)         # and stays there
+    assert model.get_lr(0, 2.0, 0, 100) == pytest.approx(2.0)            # no warmup: the peak at once
+
+
+def test_resume_warns_when_the_schedule_flags_change():
+    import argparse
+    args = argparse.Namespace(lora_r=8, max_steps=500, lr=1e-3)
+    said = []
+    model.resume_args(args, {"lora_r": 8, "max_steps": 300, "lr": 1e-3}, ["lora_r"], log=said.append,
+                      warn=("max_steps", "lr"))
+    assert args.max_steps == 500  # kept, but said
+    assert said == ["--resume: warning: --max-steps was 300, now 500: the schedule and batches differ from the "
+                    "interrupted run's"]
+
+
+def test_rope_tables_stay_fp32_in_a_bf16_model(tiny_config, monkeypatch):
+    m = GPT(tiny_config("modern")).to(torch.bfloat16)
+    seen = []
+    real = model.apply_rope
+    monkeypatch.setattr(model, "apply_rope", lambda x, cos, sin: seen.append(cos.dtype) or real(x, cos, sin))
+    m(tokens(1, 8))
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_positive_int_rejects_zero():
+    import argparse
+    assert model.positive_int("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+        model.positive_int("0")

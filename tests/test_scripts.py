@@ -303,3 +303,11 @@ def test_sft_from_hugging_face_gpt2_grows_the_vocabulary(sft_file, tmp_path):
     sft.main(sft_args(str(tmp_path / "hf"), sft_file, out, "--max-steps", "2", "--export-hf"))
     assert load_checkpoint(out / "ckpt.pt")["model_config"]["vocab_size"] == 50304  # room for the chat tokens
     assert model.GPT.from_pretrained(str(out / "hf")).config.vocab_size == 50304
+
+
+def test_zero_eval_every_is_a_usage_error_and_export_hf_fails_before_training(base_model, sft_file, tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--eval-every", "0"])
+    with pytest.raises(SystemExit, match="not a gpt2-family model"):  # base_model is the modern family
+        sft.main(sft_args(base_model, sft_file, tmp_path / "x", "--export-hf"))
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
