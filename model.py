@@ -658,6 +658,12 @@ def atomic_write(path, write_fn):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # the rename itself lives in the directory: flush it too (POSIX)
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if os.path.exists(tmp):  # the writer failed: drop the partial file, keep the old one
             os.remove(tmp)
@@ -707,7 +713,12 @@ def load_model(init_from, map_location="cpu"):
     if os.path.isfile(os.path.join(init_from, "config.json")):
         model = GPT.from_pretrained(init_from)  # no "tokenizer": data.checkpoint_tokenizer gives GPT-2's
         return model, {"model_config": asdict(model.config), "step": 0}
-    raise FileNotFoundError(f"{init_from}: neither a checkpoint (ckpt.pt) nor a Hugging Face directory (config.json)")
+    hint = ""
+    if not os.path.exists(init_from) and os.path.basename(init_from.rstrip("/")).startswith("gpt2"):
+        hint = (f"; nothing is downloaded at run time: on a machine with internet, `huggingface-cli download "
+                f"openai-community/{os.path.basename(init_from.rstrip('/'))} --local-dir {init_from}`")
+    raise FileNotFoundError(f"{init_from}: neither a checkpoint (ckpt.pt) nor a Hugging Face directory "
+                            f"(config.json){hint}")
 
 
 # -----------------------------------------------------------------------------

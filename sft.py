@@ -239,7 +239,7 @@ def main(argv=None):
             for _ in range(args.grad_accum):
                 batch = train.next()
                 x, y = data.pad_batch(batch, pad)
-                n_tokens += sum(len(ids) - 1 for ids, _ in batch)  # real tokens, padding not counted
+                n_tokens += int((x != pad).sum())  # real tokens: neither batch nor --pack padding counted
                 with rt.autocast():
                     _, loss = model(x.to(rt.device), y.to(rt.device))
                 rt.scaler.scale(loss / args.grad_accum).backward()

@@ -601,3 +601,20 @@ def test_real_preference_files():
                and "\n\nAssistant:" not in m["content"] for p in pairs for m in p["prompt"])
     assert all(p["chosen"] == p["chosen"].strip() and p["chosen"] != p["rejected"] for p in pairs)
     assert len(data.read_prompts(hh_path)) == 2000  # a prompt is still a prompt when its replies are not
+
+
+def test_example_sampler_crosses_epochs_and_resumes_exactly():
+    rows = list(range(5))
+    s = data.ExampleSampler(rows, 3, seed=7)
+    first, second, third = s.next(), s.next(), s.next()
+    order0 = torch.randperm(5, generator=torch.Generator().manual_seed(7)).tolist()
+    order1 = torch.randperm(5, generator=torch.Generator().manual_seed(8)).tolist()
+    # epoch 0 gives 5 rows, then epoch 1 (a new order) goes on: 3 + 2|1 + 3
+    assert first == order0[:3] and second == order0[3:] + order1[:1] and third == order1[1:4]
+    assert sorted(first + second[:2]) == rows  # each row once per epoch
+    again = data.ExampleSampler(rows, 3, seed=7)
+    again.next()
+    state = again.state_dict()
+    resumed = data.ExampleSampler(rows, 3, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.next() == second and resumed.next() == third

@@ -925,3 +925,12 @@ def test_positive_int_rejects_zero():
     assert model.positive_int("3") == 3
     with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
         model.positive_int("0")
+
+
+def test_a_missing_gpt2_directory_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download openai-community/gpt2 --local-dir gpt2"):
+        model.load_model("gpt2")
+    with pytest.raises(FileNotFoundError) as other:
+        model.load_model("elsewhere")
+    assert "huggingface-cli" not in str(other.value)

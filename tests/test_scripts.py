@@ -311,3 +311,20 @@ def test_zero_eval_every_is_a_usage_error_and_export_hf_fails_before_training(ba
     with pytest.raises(SystemExit, match="not a gpt2-family model"):  # base_model is the modern family
         sft.main(sft_args(base_model, sft_file, tmp_path / "x", "--export-hf"))
     assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_sft_full_fine_tuning_resume_is_exact(base_model, sft_file, tmp_path):
+    """Full fine-tuning: 6 steps straight == 3 steps, stop, --resume, 3 more (optimizer, scaler, sampler, RNG)."""
+    sft.main(sft_args(base_model, sft_file, tmp_path / "straight"))
+    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--stop-at", "3"))
+    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--resume"))
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+
+def test_sft_pack_end_to_end(base_model, sft_file, tmp_path):
+    out = tmp_path / "packed"
+    metrics = sft.main(sft_args(base_model, sft_file, out, "--pack", "--lr", "1e-3"))
+    assert metrics["step"] == 6 and losses_fell(out)
