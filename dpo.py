@@ -276,7 +276,7 @@ def main(argv=None):
             last = step == args.max_steps
             if step % args.eval_every == 0 or last:
                 metrics.update(evaluate())
-                first_val = first_val or metrics["val/chosen_logp"]
+                first_val = metrics["val/chosen_logp"] if first_val is None else first_val
                 log(f"step {step}/{args.max_steps} | val loss {metrics['val/loss']:.4f} | reward accuracy "
                     f"{metrics['val/accuracy']:.1%} | margin {metrics['val/margin']:.3f} | chosen log-prob "
                     f"{metrics['val/chosen_logp']:.2f} | rejected {metrics['val/rejected_logp']:.2f} | "

@@ -3,6 +3,7 @@
 Run the whole suite with `python -m pytest tests`; skip the slow tests with `-m "not slow"`.
 """
 
+import json
 import os
 import sys
 
@@ -48,3 +49,18 @@ def tiny_chat_model(tmp_path_factory):
     model.save_checkpoint(str(path / "ckpt.pt"), model=model.GPT(config).state_dict(), model_config=asdict(config),
                           tokenizer=data.gpt2_tokenizer(), chat=True, step=0)
     return str(path)
+
+
+def train_losses(out):
+    """{step: train loss} from a run's OUT/log.jsonl."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def assert_resumed_exactly(straight, resumed, steps):
+    """A run stopped and resumed logs the same train losses, to 1e-6, as one that ran straight through."""
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
+from conftest import assert_resumed_exactly, train_losses
 import model
 from dpo import dpo_loss
 
@@ -131,9 +132,7 @@ def test_cached_and_on_the_fly_references_give_the_same_loss(tiny_sft, pairs_fil
     dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "cached", *common, "--ref", "cached"))
     dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "lora", *common, "--ref", "lora"))
 
-    def losses(out):
-        return [r["train/loss"] for r in map(json.loads, open(out / "log.jsonl")) if "train/loss" in r]
-    cached, on_the_fly = losses(tmp_path / "cached"), losses(tmp_path / "lora")
+    cached, on_the_fly = (list(train_losses(tmp_path / name).values()) for name in ("cached", "lora"))
     assert len(cached) == 4 and cached[0] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: the policy is π_ref
     for a, b in zip(cached, on_the_fly):
         assert a == pytest.approx(b, abs=1e-5)
@@ -146,12 +145,7 @@ def test_dpo_resume_is_exact(tiny_sft, pairs_file, tmp_path):
     dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "resumed", *common, "--stop-at", "3"))
     dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "resumed", *common, "--resume"))
 
-    def losses(out):
-        return {r["step"]: r["train/loss"] for r in map(json.loads, open(out / "log.jsonl")) if "train/loss" in r}
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
 def test_bad_input_and_bad_flags(tiny_sft, tmp_path):

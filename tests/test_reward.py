@@ -18,6 +18,7 @@ import torch
 
 import model
 import reward
+from conftest import assert_resumed_exactly
 from reward import bradley_terry_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +113,7 @@ def test_reward_resume_is_exact(tiny_sft, property_pairs, tmp_path):
     reward.main(rm_args(tiny_sft, property_pairs, tmp_path / "resumed", *common, "--stop-at", "3"))
     reward.main(rm_args(tiny_sft, property_pairs, tmp_path / "resumed", *common, "--resume"))
 
-    def losses(out):
-        return {r["step"]: r["train/loss"] for r in map(json.loads, open(out / "log.jsonl")) if "train/loss" in r}
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
 def test_lora_reward_model_saves_its_head_with_the_adapter(tiny_sft, property_pairs, tmp_path):

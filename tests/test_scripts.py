@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import data
+from conftest import assert_resumed_exactly, train_losses
 import model
 import pretrain
 import sample
@@ -43,13 +44,6 @@ def tiny_args(data, out, *extra):
     return ["--data", data, "--out", str(out), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
             "--block-size", "16", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2",
             "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--dtype", "float32", *extra]
-
-
-def train_losses(out):
-    """{step: train loss} from a run's log.jsonl."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def run_script(*args, **kw):
@@ -85,10 +79,7 @@ def test_resume_is_exact(text_file, tmp_path):
     stopped = pretrain.main(tiny_args(text_file, tmp_path / "resumed", *common, "--stop-at", "4"))
     assert stopped["step"] == 4
     pretrain.main(tiny_args(text_file, tmp_path / "resumed", *common, "--resume"))
-    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 9))
-    for step in range(1, 9):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 8)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(text_file, tmp_path, monkeypatch):
@@ -284,10 +275,7 @@ def test_sft_lora_resume_is_exact(base_model, sft_file, tmp_path):
     finally:
         sft.tqdm.write = real_write
     assert "--resume: --lora-r 4 from the checkpoint (the command line gave 8)" in said
-    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
 def test_sft_empty_after_length_policy_is_an_error(base_model, sft_file, tmp_path):
@@ -318,10 +306,7 @@ def test_sft_full_fine_tuning_resume_is_exact(base_model, sft_file, tmp_path):
     sft.main(sft_args(base_model, sft_file, tmp_path / "straight"))
     sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--stop-at", "3"))
     sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--resume"))
-    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
 def test_sft_pack_end_to_end(base_model, sft_file, tmp_path):
