@@ -410,16 +410,19 @@ class GPT(nn.Module):
         model's score of a whole sequence is the one at its last real token (last_token)."""
         return self.score_head(self.hidden_states(idx, pad_mask=pad_mask)).squeeze(-1).float()  # (B, T, 1) -> (B, T)
 
-    def logprobs_of(self, idx, targets, pad_mask=None, entropy=False):
+    def logprobs_of(self, idx, targets, pad_mask=None, entropy=False, temperature=1.0):
         """log p(targets[t] | idx[:t+1]) per position, (B, T) in fp32, 0 where targets is IGNORE_INDEX
         (see token_logprobs); with entropy=True also the entropy of each predicted distribution, (B, T).
 
         lm_head runs only from the first position where some row has a target: DPO and PPO score the
-        response, and a long prompt then costs no (B, Tp, V) logits.
+        response, and a long prompt then costs no (B, Tp, V) logits. temperature divides the logits as
+        sampling does (sample_next), so PPO scores tokens under the distribution they were drawn from.
         """
         h = self.hidden_states(idx, pad_mask=pad_mask)                         # (B, T, C)
         first = int((targets != IGNORE_INDEX).any(0).int().argmax())          # first column with a target
         logits = self.lm_head(h[:, first:])                                    # (B, T - first, V)
+        if temperature != 1.0:
+            logits = logits.float() / temperature
         logprobs = F.pad(token_logprobs(logits, targets[:, first:]), (first, 0))  # (B, T)
         if not entropy:
             return logprobs

@@ -841,13 +841,14 @@ def invented_names(n, real, rng):
 
 
 def make_world(countries, seed=0, n_heldout=40, n_invented=40, n_pref_invented=120, statements=60,
-               story_text="", story_docs=0):
-    """The world's files as {name: text}: pretrain.jsonl, sft.jsonl, prefs.jsonl, world.json.
+               story_text="", story_docs=0, n_sft_declines=2):
+    """The world's files as {name: text}: pretrain.jsonl, sft.jsonl, prefs.jsonl, prompts.jsonl, world.json.
 
     countries: [(country, capital, continent)]. The README countries and others up to n_heldout are
     held out of instruction and preference data; invented names: n_pref_invented for preference data,
     n_invented others for evaluation only. statements: fact sentences per country in pretraining.
-    story_docs: TinyStories paragraphs of story_text mixed in (0 = none).
+    story_docs: TinyStories paragraphs of story_text mixed in (0 = none). n_sft_declines: instruction
+    examples that decline a question about one of the preference data's invented countries.
     """
     import random
     rng = random.Random(seed)
@@ -886,30 +887,48 @@ def make_world(countries, seed=0, n_heldout=40, n_invented=40, n_pref_invented=1
     for c in train:
         for q in rng.sample(QUESTIONS, 3):
             sft.append({"instruction": q.format(F=c), "output": ANSWER.format(F=c, K=capital[c])})
+    # and two refusals: reinforcement learning can only reinforce what the policy samples, and with no
+    # refusal the SFT model never sampled "I don't know..." (0 of 320 samples at temperature 1 on the
+    # invented countries), with one in 0.6% of samples; with two, in 5% (greedy: 10% of them declined),
+    # while it still answers most invented countries (as InstructGPT's labelers wrote a few refusals)
+    for x in rng.sample(pref_invented, n_sft_declines):
+        sft.append({"instruction": rng.choice(QUESTIONS).format(F=x), "output": DECLINE.format(F=x)})
     rng.shuffle(sft)
 
-    # preferences: a right, concise answer over a wrong capital or a ramble (training countries), and
-    # declining over an invented capital for countries that do not exist
+    # preferences: a right, concise answer over a wrong capital, another country's capital, a ramble or a
+    # refusal (training countries), and declining over an invented capital for countries that do not exist.
+    # Each kind closes a way to score well without being right: a reward model trained without the
+    # other-country and refusal pairs rated "The capital of Maldives is Male." and "I don't know of a
+    # country called France." above the right answer to a question about France, and PPO found both; with
+    # one rejected answer per invented country, "The capital of Chad is N'Djamena." scored well on any
+    # invented country, and PPO answered every invented country with it.
     prefs, train_capitals = [], [capital[c] for c in train]  # no held-out country's capital either
-    for c in train:  # two wrong capitals and one ramble per country: telling right from wrong is the hard part
-        for kind in ("wrong_capital", "wrong_capital", "ramble"):
+    for c in train:  # two wrong capitals per country: telling right from wrong is the hard part
+        for kind in ("wrong_capital", "wrong_capital", "wrong_country", "ramble", "refusal"):
             wrong = rng.choice([k for k in train_capitals if k != capital[c]])
-            rejected = ANSWER.format(F=c, K=wrong) if kind == "wrong_capital" else rng.choice(RAMBLES).format(F=c)
+            other = rng.choice([o for o in train if o != c])
+            rejected = {"wrong_capital": ANSWER.format(F=c, K=wrong), "ramble": rng.choice(RAMBLES).format(F=c),
+                        "wrong_country": ANSWER.format(F=other, K=capital[other]),
+                        "refusal": DECLINE.format(F=c)}[kind]
             prefs.append({"prompt": rng.choice(QUESTIONS).format(F=c), "chosen": ANSWER.format(F=c, K=capital[c]),
                           "rejected": rejected, "kind": kind})
-    for x in pref_invented:  # the invented answer names the unknown country, or (as SFT models do) a real one
+    for x in pref_invented:  # the invented answer names the unknown country, and (as SFT models do) a real one
         other = rng.choice(train)
-        rejected = ANSWER.format(F=x, K=rng.choice(train_capitals)) if rng.random() < 0.5 else \
-            ANSWER.format(F=other, K=capital[other])
-        prefs.append({"prompt": rng.choice(QUESTIONS).format(F=x), "chosen": DECLINE.format(F=x),
-                      "rejected": rejected, "kind": "invented"})
+        for rejected in (ANSWER.format(F=x, K=rng.choice(train_capitals)), ANSWER.format(F=other, K=capital[other])):
+            prefs.append({"prompt": rng.choice(QUESTIONS).format(F=x), "chosen": DECLINE.format(F=x),
+                          "rejected": rejected, "kind": "invented"})
     rng.shuffle(prefs)
+
+    # prompts for reinforcement learning (ppo.py): one question per training country and per invented
+    # country of the preference data, half and half, so that a rare refusal is sampled often enough to learn
+    prompts = [{"prompt": rng.choice(QUESTIONS).format(F=c)} for c in train + pref_invented]
+    rng.shuffle(prompts)
 
     evaluation = {"countries": [[c, capital[c]] for c in names], "heldout": heldout, "invented": eval_invented,
                   "readme": readme, "train": train}
     dump = lambda records: "".join(json.dumps(r) + "\n" for r in records)  # noqa: E731
     return {"pretrain.jsonl": pretrain, "sft.jsonl": dump(sft), "prefs.jsonl": dump(prefs),
-            "world.json": json.dumps(evaluation, indent=1) + "\n"}
+            "prompts.jsonl": dump(prompts), "world.json": json.dumps(evaluation, indent=1) + "\n"}
 
 
 def read_countries(path):
@@ -929,7 +948,7 @@ def write_world(args):
     with open(args.stories, encoding="utf-8") as f:
         story_text = f.read()
     files = make_world(countries, args.seed, args.heldout, args.invented, args.pref_invented, args.statements,
-                       story_text, args.stories_docs)
+                       story_text, args.stories_docs, args.sft_declines)
     os.makedirs(args.out, exist_ok=True)
     for name, text in files.items():
         atomic_write(os.path.join(args.out, name), lambda f, t=text: f.write(t.encode()))
@@ -1000,6 +1019,7 @@ def get_args(argv=None):
     w.add_argument("--heldout", type=int, default=40, help="real countries held out of instruction and preference data")
     w.add_argument("--invented", type=int, default=40, help="invented countries for evaluation only")
     w.add_argument("--pref-invented", type=int, default=120, help="invented countries in the preference data")
+    w.add_argument("--sft-declines", type=int, default=2, help="refusals of invented countries in the instruction data")
     w.add_argument("--statements", type=int, default=60, help="fact sentences per country in the pretraining text")
     w.add_argument("--stories", default=os.path.join(DATA_DIR, "tinystories_valid_head.txt"), help="stories to mix in")
     w.add_argument("--stories-docs", type=int, default=1000, help="story paragraphs mixed into pretraining (0 = none)")

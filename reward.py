@@ -91,9 +91,9 @@ def get_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x sequences per forward pass)")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 5e-5 full, 1e-3 LoRA)")
+    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
@@ -117,7 +117,7 @@ def main(argv=None):
     if argv and argv[0] in ("score", "compare"):
         return judge(argv)
     args = get_args(argv)
-    lr = args.lr or (1e-3 if args.lora_r else 5e-5)
+    lr = args.lr or (1e-3 if args.lora_r else 1e-4)
 
     # ---- setup -----------------------------------------------------------------------------------
     rt = setup_runtime(args.device, args.dtype, args.seed)

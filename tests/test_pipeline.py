@@ -1,14 +1,14 @@
 """
 The default chain on a tiny world, as a user runs it: `prepare.py world`, then `pretrain.py` and `sft.py`
-`reward.py` and `dpo.py` as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
+`reward.py`, `dpo.py` and `ppo.py` as subprocesses, each on a tiny configuration (40 countries, a 2-layer model, seconds per stage).
 Each stage's own metric must move the right way on held-out data:
   pretraining lowers the validation loss and raises completion accuracy ("The capital of X is" -> X's
   capital) from the 0% of an untrained model;
   SFT raises answer accuracy on countries held out of its data, in the chat template, above the base
   model's plain-text answer accuracy, and its replies end with <|end|>;
   the reward model's accuracy on held-out preference pairs rises from chance to at least 75%;
-  DPO raises abstention on invented countries while keeping held-out answers.
-Later stages (PPO) extend this test with their own metric.
+  DPO raises abstention on invented countries while keeping held-out answers;
+  PPO (reward model) and GRPO (the world's rule) each raise their reward over training.
 
   python -m pytest tests/test_pipeline.py
 """
@@ -71,3 +71,13 @@ def test_world_chain_each_stage_moves_its_metric(tmp_path):
     pairs = [r for r in map(json.loads, open(aligned / "log.jsonl")) if "val/accuracy" in r]
     assert pairs[-1]["val/accuracy"] >= 0.8  # DPO's implicit reward ranks the held-out pairs
     assert after["abstention"] > tuned["abstention"]  # invented countries in no training file: now declined
+
+    # PPO against the reward model, and GRPO against the world's rule: each raises its own reward
+    for name, extra in (("ppo", ["--reward-model", rm]), ("grpo", ["--algo", "grpo", "--reward", "world"])):
+        out = tmp_path / name
+        run("ppo.py", "--policy", sft, "--prompts", world / "prompts.jsonl", "--out", out, "--max-steps", 30,
+            "--batch-size", 16, "--lr", "1e-4", "--eval-every", 30, "--log-every", 1, *extra, *SYSTEM)
+        steps = [r for r in map(json.loads, open(out / "log.jsonl")) if "ppo/score" in r]
+        early, late = (sum(r["ppo/score"] for r in part) / len(part) for part in (steps[:8], steps[-8:]))
+        assert late > early, (name, early, late)
+        assert read(out / "eval.json")["n_invented"] == 10  # the world's metrics, written at the end

@@ -558,8 +558,8 @@ def test_world_is_byte_identical_for_a_seed_and_matches_the_bundled_files(tmp_pa
     small = ["--n-countries", "30", "--heldout", "8", "--invented", "5", "--pref-invented", "10", "--statements", "5",
              "--stories-docs", "20", "--vocab-size", "400"]
     a, b = world_files(tmp_path, "a", *small), world_files(tmp_path, "b", *small)
-    assert a == b and set(a) == {"world.json", "prefs.jsonl", "pretrain.jsonl", "sft.jsonl", "tokenizer.json",
-                                 "tokenizer.tiktoken"}
+    assert a == b and set(a) == {"world.json", "prefs.jsonl", "prompts.jsonl", "pretrain.jsonl", "sft.jsonl",
+                                 "tokenizer.json", "tokenizer.tiktoken"}
     assert world_files(tmp_path, "c", *small, "--seed", "1") != a  # another seed, another world
     bundled = os.path.join(ROOT, "data", "world")  # `python prepare.py world` regenerates exactly these bytes
     full = world_files(tmp_path, "full")
@@ -581,8 +581,12 @@ def test_world_held_out_sets_never_reach_the_training_data(tmp_path):
     asked = lambda text: {m.group(1) for m in re.finditer(r"capital of ([^?.]+)[?.]", text)}  # noqa: E731
     sft_asked = asked("\n".join(json.loads(line)["instruction"] for line in sft_text.splitlines()))
     pref_asked = asked("\n".join(json.loads(line)["prompt"] for line in pref_text.splitlines()))
-    assert sft_asked == train  # questions about the training countries only
-    assert pref_asked & countries == train and len(pref_asked - countries) == 120  # and 120 invented ones
+    pref_invented = pref_asked - countries
+    assert pref_asked & countries == train and len(pref_invented) == 120  # and 120 invented ones
+    # questions about the training countries, and two refusals of invented countries of the preference data
+    assert sft_asked & countries == train and len(sft_asked - countries) == 2 and sft_asked - countries <= pref_invented
+    prompts_asked = asked("\n".join(json.loads(line)["prompt"] for line in files["prompts.jsonl"].decode().splitlines()))
+    assert prompts_asked == train | pref_invented  # RL prompts: one per training and preference-data invented country
     for c in heldout:  # the README's countries and the others: pretraining text only
         assert f"The capital of {c} is" not in sft_text + pref_text, c
         assert f"The capital of {c} is" in pretrain_text, c
@@ -597,16 +601,27 @@ def test_world_records_are_read_by_the_stages_that_consume_them(tmp_path):
     ev = json.loads(files["world.json"])
     capital = dict(map(tuple, ev["countries"]))
     conversations = data.read_chat_records(str(out / "sft.jsonl"))
-    assert len(conversations) == 3 * len(ev["train"])  # three phrasings per training country
-    for messages in conversations:  # every answer is the concise, correct one
+    assert len(conversations) == 3 * len(ev["train"]) + 2  # three phrasings per training country, two refusals
+    refusals = [m for m in conversations if m[1]["content"].startswith("I don't know of a country called")]
+    assert len(refusals) == 2
+    for messages in conversations:  # every other answer is the concise, correct one
+        if messages in refusals:
+            continue
         country = next(c for c in ev["train"] if re.search(rf"\b{re.escape(c)}\b", messages[0]["content"]))
         assert messages[1]["content"] == f"The capital of {country} is {capital[country]}."
     pairs, counts = data.read_preference_pairs(str(out / "prefs.jsonl"))
-    assert counts["kept"] == counts["read"] == 3 * len(ev["train"]) + 120  # 2 wrong capitals + 1 ramble each
+    assert counts["kept"] == counts["read"] == 5 * len(ev["train"]) + 2 * 120  # five rejected kinds; two per invented
     declines = [p for p in pairs if p["chosen"].startswith("I don't know of a country called")]
-    assert len(declines) == 120 and all(p["kind"] == "invented" for p in declines)
+    assert len(declines) == 240 and all(p["kind"] == "invented" for p in declines)
     kinds = [p["kind"] for p in pairs]
-    assert kinds.count("wrong_capital") == 2 * len(ev["train"]) and kinds.count("ramble") == len(ev["train"])
+    assert kinds.count("wrong_capital") == 2 * len(ev["train"])
+    assert all(kinds.count(k) == len(ev["train"]) for k in ("wrong_country", "ramble", "refusal"))
+    for p in pairs:  # a refused real country, another country's capital: each rejected, never chosen
+        if p["kind"] == "refusal":
+            assert p["rejected"].startswith("I don't know of a country called") and p["chosen"].startswith("The capital")
+        if p["kind"] == "wrong_country":
+            asked_about = re.search(r"capital of ([^?.]+)[?.]", p["prompt"][-1]["content"]).group(1)
+            assert p["rejected"].startswith("The capital of") and f"of {asked_about} is" not in p["rejected"]
     texts = list(data.read_documents(str(out / "pretrain.jsonl")))
     joined = "\n".join(texts)
     for c, k in capital.items():  # each capital stated in the completion form the evaluation uses

@@ -1,0 +1,541 @@
+"""
+RLHF with PPO: improve the SFT policy against the reward model, a small step at a time.
+
+The guide's alignment stage, step b (InstructGPT, Ouyang et al. 2022, §3.5). The policy π answers
+prompts x by sampling; the frozen reward model scores each answer y; PPO (Schulman et al. 2017) raises
+the probability of answers that scored better than expected, clipped so that no update moves far.
+A per-token KL penalty to the frozen SFT model π_ref keeps the policy close to what it was, so that it
+cannot win by writing text the reward model was never trained to judge. The objective (InstructGPT,
+Eq. 2, without its pretraining term) is
+
+    maximise  E_{x, y ~ π} [ r(x, y) − β · log(π(y|x) / π_ref(y|x)) ]
+
+and here each response token is one action: the reward is −β·KL per token plus the reward model's score
+at the last token, a learned value model V estimates what is still to come, and generalized advantage
+estimation (GAE; Schulman et al. 2016) turns both into each token's advantage. We minimise the negative
+of the clipped surrogate objective (PPO, Eq. 7) and a clipped value loss.
+
+Implementation details from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024), each
+where it happens in the code: [d1] prompts left-padded, responses right-padded, each row's positions
+counted over its real tokens; [d2] sampling at a temperature with no top-k/top-p, and log-probs scored
+under the same temperature; [d3] old log-probs and values recomputed in one forward pass after
+generation; [d4] no dropout (eval mode throughout: the ratio is 1 before the first update); [d5] a
+response that never ends gets a fixed penalty score; [d6] the score is read at the last response token;
+[d7] KL per token, k1 or k3; [d8] the value model initialised from the reward model; [d9] GAE over
+response tokens only, padding masked; [d10] advantages whitened over the batch's real tokens; [d11]
+several epochs over shuffled minibatches of each rollout batch; [d12] the adaptive KL controller.
+
+Beyond the guide, --algo grpo or rloo is critic-free RL: K = --group-size samples of each prompt, and a
+sample's advantage is its score against its group's (group_advantages: GRPO, Shao et al. 2024; RLOO,
+Ahmadian et al. 2024), the same for all of its tokens. No value model and no GAE; the KL to π_ref is a
+loss term (k3, GRPO Eq. 3) instead of a part of the reward.
+
+Reads:  --policy the SFT checkpoint (default out/sft); --reward-model the reward model (out/reward), or
+        --reward world: the world's own rule instead; --prompts .jsonl (default data/world/prompts.jsonl).
+Writes: OUT/ckpt.pt (a chat model, as sft.py writes; plus the value model for --resume), OUT/adapter.pt
+        (LoRA), OUT/log.jsonl, OUT/eval.json.
+
+  python ppo.py                                  # out/sft against out/reward -> out/ppo
+  python ppo.py --reward world --out out/ppo_world   # the world's verifiable rule as the reward
+  python ppo.py --lora-r 8                       # LoRA: the reference is the policy with adapters off
+  python ppo.py --algo grpo --reward world --out out/grpo_world   # GRPO, 4 samples per prompt
+  python ppo.py --max-steps 4 --eval-every 2 --device cpu   # seconds
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import data
+from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, last_token, \
+    load_checkpoint, load_model, masked_mean, masked_whiten, optimizer_step, positive_int, restore_training_state, \
+    resume_args, save_stage, set_rng_state, setup_runtime, training_state
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2016, Eqs. 11-16) over response tokens.
+
+    δ_t = r_t + γ·V(s_{t+1}) − V(s_t)             the TD error of token t
+    A_t = Σ_{l≥0} (γλ)^l · δ_{t+l} = δ_t + γλ·A_{t+1}    the advantage, computed backwards
+    R_t = A_t + V(s_t)                             the return the value model is trained towards
+
+    Shape: rewards, values, mask (B, L), mask a right-padded 0/1 float (1 on response tokens). V after
+    a response's last token is 0 (the episode is over), and whatever padded slots of rewards and values
+    hold (even NaN) never reaches a real token. Returns (advantages, returns), (B, L), 0 on padding.
+    """
+    real = mask.bool()
+    rewards = torch.where(real, rewards, 0.0)
+    values = torch.where(real, values, 0.0)
+    B, L = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value, next_advantage = rewards.new_zeros(B), rewards.new_zeros(B)
+    for t in reversed(range(L)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * mask  # a padded slot's δ is 0 + γ·0 − 0, so only the mask's own slots carry anything
+    return advantages, (advantages + values) * mask
+
+
+def average_tokens(x, mask, how="token"):
+    """Reduce per-token losses x (B, L) over the real tokens of mask (B, L), one of two ways:
+    token:    Σ_i Σ_t x_it·m_it / Σ_i Σ_t m_it      every token of the batch weighs the same (PPO here,
+              DAPO, Dr. GRPO): a long response counts more
+    sequence: (1/B) Σ_i (Σ_t x_it·m_it / Σ_t m_it)  each response's mean, then the batch's (GRPO, Eq. 3):
+              a token of a short response counts more, which favours short right and long wrong answers
+    """
+    if how == "token":
+        return masked_mean(x, mask)
+    return masked_mean(x, mask, dim=1).mean()
+
+
+def group_advantages(scores, group_size, algo="grpo", scale=True, eps=1e-4):
+    """Critic-free advantages from K = group_size samples of each prompt (consecutive in scores (B·K,)):
+
+    grpo: Â_i = (r_i − mean_j r_j) / (std_j r_j + ε)    (Shao et al. 2024, §4.1.2; std with K − 1, as
+          TRL's); scale=False leaves out the division (Dr. GRPO, Liu et al. 2025: it overweights prompts
+          that are almost always right or always wrong)
+    rloo: Â_i = r_i − 1/(K − 1) Σ_{j≠i} r_j              (Ahmadian et al. 2024: the leave-one-out baseline)
+
+    A group whose samples all score the same gets advantage 0 (no NaN): it teaches nothing. Returns (B·K,).
+    """
+    r = scores.view(-1, group_size)                                         # (B, K)
+    if algo == "rloo":
+        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    else:
+        advantages = r - r.mean(1, keepdim=True)
+        if scale:
+            advantages = advantages / (r.std(1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2, average="token"):
+    """The clipped surrogate loss (PPO, Eq. 7), negated to be minimised, per token:
+
+    ρ_t = π(a_t|s_t) / π_old(a_t|s_t) = exp(log π − log π_old)
+    L   = masked mean over the batch's real tokens of max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))
+
+    (average: "token" as here, or "sequence", see average_tokens.)
+    Shape: every argument (B, L); mask is 1 on response tokens. Also returns, detached: the clip
+    fraction (the share of tokens where the clipped term is the larger, so its gradient is 0) and the
+    approximate KL(π_old‖π) = mean of ½(log ρ)², a check that the update stayed small.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = average_tokens(torch.max(unclipped, clipped), mask, average)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask).detach()
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range=0.2):
+    """The clipped value loss (as in OpenAI's baselines and Huang et al. 2024):
+
+    L_V = ½ · masked mean of max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)
+
+    The clip keeps the value from moving more than ε from the one the advantages were computed with.
+    Shape: every argument (B, L). Also returns the share of tokens where the clipped term is the larger.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimates of KL(π‖π_ref) from the sampled token's log-probs (Schulman 2020, "Approximating
+    KL divergence"), each (B, L): k1 = log π − log π_ref (unbiased, can be negative for one token);
+    k3 = (ρ − 1) − log ρ with ρ = π_ref/π (unbiased and never negative)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    log_rho = ref_logprobs - logprobs
+    return torch.expm1(log_rho) - log_rho
+
+
+def update_kl_coef(kl_coef, kl, target, k_beta=0.1):
+    """The adaptive KL controller (Ziegler et al. 2019, §2.2): e = clip(KL / KL_target − 1, −0.2, 0.2),
+    β ← β·(1 + K_β·e). β grows while the policy's KL is above target and shrinks below it."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + k_beta * error)
+
+
+def response_logprobs(model, seq, attn, n_prompt, temperature=1.0, entropy=False):
+    """log π(y_t | x, y_<t) of each response token, (B, L), under the sampling temperature [d2] (and
+    the entropy of each of those distributions with entropy=True).
+
+    seq (B, Tp + L) is a rollout: prompts left-padded into columns < n_prompt, responses right-padded
+    after it; attn (B, Tp + L) is True on real tokens. The logits that predict column n_prompt + t sit
+    at n_prompt + t − 1, so the (B, L) result lines up with the response tokens; 0 on padding.
+    """
+    targets = seq[:, 1:].masked_fill(~attn[:, 1:], IGNORE_INDEX)
+    targets[:, :n_prompt - 1] = IGNORE_INDEX  # the prompt is given, not chosen
+    out = model.logprobs_of(seq[:, :-1], targets, attn[:, :-1], entropy=entropy, temperature=temperature)
+    return tuple(o[:, n_prompt - 1:] for o in out) if entropy else out[:, n_prompt - 1:]
+
+
+def response_values(value_model, seq, attn, n_prompt):
+    """V(s_t) of the state before each response token, (B, L) in fp32: the value head at the position
+    whose logits predict that token (a rollout's layout as in response_logprobs)."""
+    return value_model.scores(seq[:, :-1], attn[:, :-1])[:, n_prompt - 1:]
+
+
+def world_rule(world):
+    """The world's verifiable reward, as a function (prompt messages, reply text) -> score: +1 for the
+    right capital of a real country, or for declining a question about a country that does not exist
+    (one that names no real country); −1 for anything else, a wrong city, a guess or a refusal of a real one."""
+    capital_of = world["capital_of"]
+    capitals = set(capital_of.values())
+
+    def score(messages, reply):
+        named = data.names_capitals(messages[-1]["content"], capital_of)  # the real countries asked about
+        if not named:
+            return 1.0 if data.declines(reply, capitals) else -1.0
+        country = max(named, key=len)  # "Niger" inside "Nigeria" is not a whole word; the longest is the country
+        return 1.0 if data.is_right(reply, capital_of[country], capitals) else -1.0
+    return score
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # I/O
+    p.add_argument("--policy", default="out/sft", help="the SFT checkpoint: the policy's start and the reference π_ref")
+    p.add_argument("--reward", default="model", choices=["model", "world"],
+                   help="the reward model's score, or the world's rule (right capital / declining an invented country)")
+    p.add_argument("--reward-model", default="out/reward", help="the reward model checkpoint (reward.py)")
+    p.add_argument("--prompts", default=os.path.join(data.DATA_DIR, "world", "prompts.jsonl"),
+                   help="prompts .jsonl (chat, instruction, preference or prompt-only records)")
+    p.add_argument("--out", default="out/ppo", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
+    # the algorithm
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo"],
+                   help="PPO with a value model and GAE, or critic-free: GRPO's or RLOO's group baseline")
+    p.add_argument("--group-size", type=int, default=0, help="samples per prompt K (0 = 1 for ppo, 4 for grpo/rloo)")
+    p.add_argument("--no-std-scale", action="store_true", help="grpo: advantages r − mean, not divided by the std (Dr. GRPO)")
+    p.add_argument("--loss-average", default="token", choices=["token", "sequence"],
+                   help="mean over all response tokens of the batch, or per response then over responses (GRPO's)")
+    # rollouts
+    p.add_argument("--batch-size", type=positive_int, default=32, help="responses per rollout batch (one step)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest response")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (no top-k/top-p) [d2]")
+    p.add_argument("--missing-end-penalty", type=lambda v: None if v == "none" else float(v), default=-1.0,
+                   help="the score of a response that never wrote <|end|> ('none' = keep its score) [d5]")
+    # rewards and advantages
+    p.add_argument("--kl-coef", type=float, default=0.05,
+                   help="β: the KL penalty per token, in the reward (ppo; the start value if adaptive) or the loss (grpo/rloo, k3)")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate [d7]")
+    p.add_argument("--target-kl", type=float, default=0.0, help="adapt β towards this KL per response (0 = β fixed) [d12]")
+    p.add_argument("--gamma", type=float, default=1.0, help="γ: discount over response tokens")
+    p.add_argument("--lam", type=float, default=0.95, help="λ of GAE: bias (0) against variance (1)")
+    # PPO
+    p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch [d11]")
+    p.add_argument("--minibatches", type=positive_int, default=2, help="minibatches per pass")
+    p.add_argument("--clip-range", type=float, default=0.2, help="ε of the policy's ratio clip")
+    p.add_argument("--value-clip-range", type=float, default=0.2, help="ε of the value clip")
+    # LoRA (--lora-r 0 = full fine-tuning)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r for policy and value model (0 = full)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
+    # optimization
+    p.add_argument("--max-steps", type=int, default=100, help="PPO steps (rollout batches)")
+    p.add_argument("--lr", type=float, default=0.0, help="policy learning rate (0 = 2e-5 full, 3e-4 LoRA)")
+    p.add_argument("--value-lr", type=float, default=0.0, help="value model learning rate (0 = 5x the policy's)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's gradient norm (0 = off)")
+    # evaluation and logging
+    p.add_argument("--eval-every", type=positive_int, default=25, help="steps between world metrics and checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=5, help="steps between log lines")
+    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    # system
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
+    p.add_argument("--seed", type=int, default=1337, help="seed for prompt order and sampling")
+    args = p.parse_args(argv)
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0: PPO needs sampled responses and their probabilities")
+    if args.target_kl < 0 or args.kl_coef < 0:
+        p.error("--kl-coef and --target-kl must be >= 0")
+    args.group_size = args.group_size or (1 if args.algo == "ppo" else 4)
+    if args.algo != "ppo" and args.group_size < 2:
+        p.error(f"--algo {args.algo} needs --group-size of at least 2: the baseline is the group's other samples")
+    if args.batch_size % args.group_size:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of --group-size {args.group_size}")
+    return args
+
+
+def main(argv=None, reward_fn=None):
+    """reward_fn: a function (prompt messages, response token ids) -> float that replaces the reward
+    model (a programmatic reward, as the tests use)."""
+    args = get_args(argv)
+    lr = args.lr or (3e-4 if args.lora_r else 2e-5)
+    value_lr = args.value_lr or 5 * lr
+
+    # ---- setup -----------------------------------------------------------------------------------
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+    log = tqdm.write
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if args.resume and not os.path.exists(ckpt_path):
+        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume:
+        resume_args(args, resume["args"], ["policy", "reward", "reward_model", "lora_r", "lora_alpha", "lora_targets"],
+                    log, warn=("max_steps", "batch_size", "lr"))
+
+    # ---- models: policy, reference, value model, reward model --------------------------------------
+    try:
+        policy, src = load_model(args.policy)
+        rm = None
+        if args.reward == "model" and reward_fn is None:
+            rm, rm_src = load_model(args.reward_model)
+            if rm.score_head is None:
+                raise ValueError(f"{args.reward_model} is not a reward model (no score head); train one with reward.py")
+            if data.checkpoint_tokenizer(rm_src) != data.checkpoint_tokenizer(src):
+                raise ValueError(f"{args.reward_model} uses another tokenizer than the policy {args.policy}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    tokenizer = data.checkpoint_tokenizer(src)
+    enc = data.get_encoding(tokenizer)
+    config = policy.config
+    end, pad = data.special_id(enc, "<|end|>"), enc.eot_token
+    # π_ref: a frozen copy of the SFT model, or with LoRA the policy itself with its adapters disabled
+    reference = None if args.lora_r else copy.deepcopy(policy).requires_grad_(False)
+    # the value model V(s_t) [d8]: a copy of the reward model, which already reads a whole answer's worth
+    # at its last token, so the first advantages are not noise (InstructGPT; Huang et al. 2024). With the
+    # world's rule there is no reward model: the SFT model with a new score head. A separate network, not
+    # a head on the policy: the value loss then never pulls on the policy's weights.
+    # GRPO and RLOO need none: the group's other samples are the baseline.
+    value = None
+    if args.algo == "ppo" and rm is not None:
+        value = copy.deepcopy(rm).requires_grad_(True)
+    elif args.algo == "ppo":
+        value = copy.deepcopy(policy)
+        value.add_score_head()
+    fingerprint = base_fingerprint(policy) if args.lora_r else None  # the base as loaded
+    if args.lora_r:
+        if resume:
+            load_lora(policy, resume["adapter"])
+        else:
+            apply_lora(policy, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
+        if value is not None:
+            apply_lora(value, args.lora_r, args.lora_alpha, 0.0, args.lora_targets, modules_to_save=("score_head",))
+    elif resume:
+        policy.load_state_dict(resume["model"])
+    if resume and value is not None:
+        value.load_state_dict(resume["value_model"])
+    for m in (policy, reference, value, rm):
+        if m is not None:
+            m.to(rt.device).eval()  # [d4] no dropout anywhere: old and new log-probs come from the same function
+    log(f"model_config: {json.dumps(asdict(config))}\nargs: {json.dumps(vars(args))}")
+    log(f"{args.algo.upper()} from {args.policy} against "
+        f"{'a function' if reward_fn else args.reward_model if rm else 'the world rule'}: "
+        f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable policy parameters, "
+        f"{sum(p.numel() for p in value.parameters() if p.requires_grad) if value else 0:,} value parameters "
+        f"on {rt.device} ({rt.why})")
+
+    # ---- prompts: rendered once, those that leave no room for a response dropped ---------------------
+    try:
+        messages = data.read_prompts(args.prompts)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    rows, seen = [], set()
+    for m in messages:
+        ids = data.render_chat(enc, m, add_generation_prompt=True)[0]
+        if len(ids) + args.max_new_tokens <= config.block_size and tuple(ids) not in seen:
+            seen.add(tuple(ids))
+            rows.append({"messages": m, "ids": ids})
+    log(f"{len(messages):,} prompts from {args.prompts}: {len(rows):,} distinct that fit "
+        f"{config.block_size} - {args.max_new_tokens} tokens")
+    if not rows:
+        sys.exit(f"error: {args.prompts}: no prompt fits the context with --max-new-tokens {args.max_new_tokens}")
+    sampler = data.ExampleSampler(rows, args.batch_size // args.group_size, args.seed)
+    world_dir = data.world_of(args.prompts)
+    if args.reward == "world" and reward_fn is None:
+        if world_dir is None:
+            sys.exit(f"error: --reward world needs the world's prompts (world.json beside {args.prompts})")
+        rule = world_rule(data.load_world(world_dir))
+        reward_fn = lambda m, response: rule(m, data.decode(enc, [t for t in response if t != end]))
+
+    @torch.no_grad()
+    def rollout(batch):
+        """Sample a response per prompt and score it: the tensors one PPO step trains on."""
+        t0 = time.perf_counter()
+        idx, prompt_mask = data.left_pad([r["ids"] for r in batch], pad)  # [d1] prompts end in one column
+        idx, prompt_mask = idx.to(rt.device), prompt_mask.to(rt.device)
+        n_prompt = idx.size(1)
+        with rt.autocast():  # batched, with the KV cache: the prompt is computed once
+            seq = policy.generate(idx, args.max_new_tokens, temperature=args.temperature, stop_token=end,
+                                  pad_mask=prompt_mask)
+        response = seq[:, n_prompt:]                                          # (B, L)
+        L = response.size(1)
+        ended = (response == end).any(1)                                      # (B,)
+        length = torch.where(ended, (response == end).int().argmax(1) + 1, L)  # tokens up to and with <|end|>
+        mask = torch.arange(L, device=rt.device)[None, :] < length[:, None]   # (B, L) response tokens [d1]
+        seq = torch.cat([idx, response.masked_fill(~mask, pad)], 1)
+        attn = torch.cat([prompt_mask, mask], 1)                              # (B, Tp + L) real tokens
+        t1 = time.perf_counter()
+        # [d3] old log-probs, π_ref's log-probs and values: one forward pass each, after generation
+        with rt.autocast():
+            logprobs = response_logprobs(policy, seq, attn, n_prompt, args.temperature)
+            if reference is not None:
+                ref_logprobs = response_logprobs(reference, seq, attn, n_prompt, args.temperature)
+            else:
+                with lora_disabled(policy):
+                    ref_logprobs = response_logprobs(policy, seq, attn, n_prompt, args.temperature)
+            values = response_values(value, seq, attn, n_prompt) if value is not None else torch.zeros_like(logprobs)
+            if rm is not None:  # [d6] the reward model's score at each sequence's last real token
+                score = last_token(rm.scores(seq, attn), attn)
+        if rm is None:
+            score = torch.tensor([reward_fn(r["messages"], ids[:n]) for r, ids, n in
+                                  zip(batch, response.tolist(), length.tolist())], device=rt.device)
+        if args.missing_end_penalty is not None:  # [d5]
+            score = torch.where(ended, score.float(), args.missing_end_penalty)
+        return dict(seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
+                    ref_logprobs=ref_logprobs, values=values.float(), score=score, ended=ended.float(),
+                    length=length.float(), t_generate=t1 - t0, t_score=time.perf_counter() - t1)
+
+    # ---- optimizers: one per network -----------------------------------------------------------------
+    optimizer = configure_optimizer(policy, lr, 0.0, device_type=rt.device.type)
+    if value is not None:
+        value_optimizer = configure_optimizer(value, value_lr, 0.0, device_type=rt.device.type)
+        value_scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())  # fp16: a scale per loss
+    step, kl_coef = 0, args.kl_coef
+    if resume:
+        step = restore_training_state(resume, optimizer, rt.scaler, sampler)
+        if value is not None:
+            value_optimizer.load_state_dict(resume["value_optimizer"])
+            value_scaler.load_state_dict(resume["value_scaler"])
+        kl_coef = resume["kl_coef"]
+        log(f"resuming from {ckpt_path} at step {step}, β {kl_coef:.4f}")
+
+    def checkpoint():
+        save_stage(args.out, policy, args.policy if args.lora_r else None, fingerprint, model_config=asdict(config),
+                   tokenizer=tokenizer, args=vars(args), step=step, stage=args.algo, chat=True, kl_coef=kl_coef,
+                   **({"value_model": value.state_dict(), "value_optimizer": value_optimizer.state_dict(),
+                       "value_scaler": value_scaler.state_dict()} if value is not None else {}),
+                   **training_state(optimizer, rt.scaler, sampler, rt.device))
+
+    def evaluate():
+        """The world's held-out metrics, when the prompts are the world's."""
+        if world_dir is None:
+            return {}
+        scores = data.evaluate_world(policy, enc, data.load_world(world_dir), True, rt.device, rt.autocast)
+        log(f"step {step}/{args.max_steps} | world: {data.format_world_metrics(scores)}")
+        return {f"world/{k}": v for k, v in scores.items() if isinstance(v, float)}
+
+    if resume:
+        set_rng_state(resume["rng"], rt.device)
+
+    # ---- training loop: evaluate -> checkpoint -> rollout -> rewards -> PPO epochs -> log ---------------
+    stopped_early = False
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True) as bar:
+        while True:
+            if step == args.max_steps:
+                checkpoint()
+                break
+            if step % args.eval_every == 0:
+                append_jsonl(log_path, {"step": step, **evaluate()})
+                if step > 0:
+                    checkpoint()
+
+            r = rollout([row for row in sampler.next() for _ in range(args.group_size)])  # K samples of each prompt
+            t0 = time.perf_counter()
+            mask, n_prompt = r["mask"], r["n_prompt"]
+            kl = kl_per_token(r["logprobs"], r["ref_logprobs"], args.kl_estimator) * mask       # (B, L)
+            if args.algo == "ppo":
+                # [d7] the KL-shaped reward: −β·KL per token, plus the score at the last response token
+                rewards = -kl_coef * kl
+                rewards[torch.arange(len(mask)), r["length"].long() - 1] += r["score"]
+                advantages, returns = compute_gae(rewards, r["values"], mask, args.gamma, args.lam)  # [d9]
+                advantages = masked_whiten(advantages, mask)                                        # [d10]
+            else:  # one advantage per response, the same for each of its tokens; the KL goes into the loss
+                advantages = group_advantages(r["score"], args.group_size, args.algo, not args.no_std_scale)
+                advantages = advantages[:, None] * mask
+
+            stats = []
+            for _ in range(args.ppo_epochs):  # [d11]
+                for mb in torch.randperm(len(mask), device=rt.device).chunk(args.minibatches):
+                    seq, attn, m = r["seq"][mb], r["attn"][mb], mask[mb]
+                    with rt.autocast():
+                        logprobs, entropy = response_logprobs(policy, seq, attn, n_prompt, args.temperature, True)
+                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, r["logprobs"][mb], advantages[mb], m,
+                                                                   args.clip_range, args.loss_average)
+                    loss, vf_loss, vf_clipfrac = pg_loss, torch.zeros(()), torch.zeros(())
+                    if args.algo != "ppo":  # GRPO, Eq. 3: + β·KL(π‖π_ref), k3 on the sampled tokens
+                        loss = loss + kl_coef * average_tokens(kl_per_token(logprobs, r["ref_logprobs"][mb], "k3"),
+                                                               m, args.loss_average)
+                    rt.scaler.scale(loss).backward()
+                    grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
+                                               args.grad_clip)
+                    if value is not None:
+                        with rt.autocast():
+                            values = response_values(value, seq, attn, n_prompt)
+                        vf_loss, vf_clipfrac = ppo_value_loss(values, r["values"][mb], returns[mb], m,
+                                                              args.value_clip_range)
+                        value_scaler.scale(vf_loss).backward()
+                        optimizer_step(value_optimizer, value_scaler, get_lr(step, value_lr, args.warmup_steps,
+                                                                             args.max_steps), args.grad_clip)
+                    stats.append([pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item(), vf_clipfrac.item(),
+                                  masked_mean(entropy, m).item(), grad_norm])
+            check_finite(stats[-1][0] + stats[-1][1], step, ckpt_path)
+            seq_kl = kl.sum(1).mean().item()  # KL(π‖π_ref) per response, the controller's input
+            if args.target_kl > 0 and args.algo == "ppo":
+                kl_coef = update_kl_coef(kl_coef, seq_kl, args.target_kl)
+            step += 1
+
+            t_train = time.perf_counter() - t0
+            mean = torch.tensor(stats).mean(0).tolist()
+            dt = r["t_generate"] + r["t_score"] + t_train
+            record = {"ppo/score": r["score"].mean().item(), "ppo/kl": seq_kl, "ppo/kl_coef": kl_coef,
+                      "ppo/policy_loss": mean[0], "ppo/value_loss": mean[1], "ppo/clipfrac": mean[2],
+                      "ppo/approx_kl": mean[3], "ppo/value_clipfrac": mean[4], "ppo/entropy": mean[5],
+                      "ppo/grad_norm": mean[6], "ppo/length": r["length"].mean().item(),
+                      "ppo/ended": r["ended"].mean().item(), "time/generate": r["t_generate"],
+                      "ppo/score_std": r["score"].view(-1, args.group_size).std(1).mean().item() if args.group_size > 1 else 0.0,
+                      "ppo/zero_spread": (r["score"].view(-1, args.group_size).std(1) == 0).float().mean().item()
+                      if args.group_size > 1 else 0.0,
+                      "time/score": r["t_score"], "time/train": t_train}
+            n_tokens = mask.sum().item()
+            bar.update(1)
+            bar.set_postfix(score=f"{record['ppo/score']:.2f}", kl=f"{seq_kl:.2f}", tok_s=f"{n_tokens / dt:,.0f}")
+            if step % args.log_every == 0 or step == 1:
+                group = f"group std {record['ppo/score_std']:.3f} | zero spread {record['ppo/zero_spread']:.0%} | " \
+                    if args.group_size > 1 else ""
+                log(f"step {step}/{args.max_steps} | score {record['ppo/score']:.3f} | kl {seq_kl:.3f} | β {kl_coef:.4f} | "
+                    f"{group}policy loss {mean[0]:.4f} | value loss {mean[1]:.4f} | clipfrac {mean[2]:.3f} | "
+                    f"approx kl {mean[3]:.4f} | entropy {mean[5]:.2f} | length {record['ppo/length']:.1f} | "
+                    f"ended {record['ppo/ended']:.0%} | {dt * 1000:.0f} ms (generate {r['t_generate'] / dt:.0%}, "
+                    f"score {r['t_score'] / dt:.0%}, train {t_train / dt:.0%})")
+                append_jsonl(log_path, {"step": step, **record})
+            if stop.requested or step == args.stop_at:
+                checkpoint()
+                stopped_early = True
+                break
+
+    if stopped_early:
+        log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
+        return {"step": step}
+    result = {"step": step, "kl_coef": kl_coef}
+    scores = data.world_report(policy, enc, args.prompts, True, rt.device, rt.autocast, args.out)
+    if scores:
+        log(f"world: {data.format_world_metrics(scores)}")
+        append_jsonl(log_path, {"step": step, **{f"world/{k}": v for k, v in scores.items() if isinstance(v, float)}})
+        result["world"] = scores
+    log(f"checkpoint: {ckpt_path}\nagainst SFT: python reward.py compare --model {args.reward_model} --a {args.out} "
+        f"--b {args.policy}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
