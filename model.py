@@ -905,6 +905,9 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if world > 1 and device.startswith("cuda:"):  # every rank would share that one GPU
+        sys.exit(f"error: --device {device} under torchrun: each process takes the GPU of its LOCAL_RANK; "
+                 f"pass --device cuda (or choose GPUs with CUDA_VISIBLE_DEVICES)")
     if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per torchrun process; cuda:0 in a plain run
     device = torch.device(device)

@@ -117,6 +117,8 @@ def main(argv=None):
         model = GPT(config)
     config = model.config
     model.to(rt.device)
+    if rt.ddp:  # each rank its own dropout masks (DDP copies rank 0's weights to all, so init may differ)
+        torch.manual_seed(args.seed + rt.rank)
     log(f"model_config: {json.dumps(asdict(config))}")
     log(f"args: {json.dumps(vars(args))}")
     log(f"{model.num_params() / 1e6:.2f}M parameters on {rt.device} in {str(rt.dtype).removeprefix('torch.')}"
@@ -157,11 +159,13 @@ def main(argv=None):
     peak = peak_flops(rt.device, rt.dtype) * rt.world_size
 
     def checkpoint():
-        if not rt.master:
-            return
-        save_checkpoint(ckpt_path, model=raw_model.state_dict(), model_config=asdict(config), tokenizer=tokenizer,
-                        args=vars(args), step=step, stage="pretrain",
-                        **training_state(optimizer, rt.scaler, train, rt.device))
+        state = training_state(optimizer, rt.scaler, train, rt.device)
+        if rt.ddp:  # every rank's random stream, so that each resumes its own dropout masks
+            state["rng_per_rank"] = [None] * rt.world_size
+            dist.all_gather_object(state["rng_per_rank"], state["rng"])
+        if rt.master:
+            save_checkpoint(ckpt_path, model=raw_model.state_dict(), model_config=asdict(config), tokenizer=tokenizer,
+                            args=vars(args), step=step, stage="pretrain", **state)
 
     def write_log(record):
         if rt.master:
@@ -187,7 +191,8 @@ def main(argv=None):
         return nats / n_tokens, nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
 
     if ckpt is not None:  # restored last, so that no set-up work above draws from the restored stream
-        set_rng_state(ckpt["rng"], rt.device)
+        per_rank = ckpt.get("rng_per_rank") or []
+        set_rng_state(per_rank[rt.rank] if len(per_rank) == rt.world_size else ckpt["rng"], rt.device)
 
     # ---- training loop: evaluate -> checkpoint -> step -> log ---------------------------------
     metrics, stopped_early = {}, False
@@ -237,7 +242,13 @@ def main(argv=None):
                     f" | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
                 write_log({"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                            "dt_ms": dt * 1000, "tok_per_s": tok_s, "mfu": mfu})
-            if stop.requested or step == args.stop_at:
+            stopping = stop.requested or step == args.stop_at
+            if rt.ddp:  # stop together: a rank that saw the signal one step later would enter the next
+                # all-reduce alone and hang, and rank 0 (which saves) may be that rank
+                flag = torch.tensor(float(stopping), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping:
                 checkpoint()
                 stopped_early = True
                 break

@@ -587,6 +587,13 @@ def test_setup_runtime_cpu_fp32():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
 
+def test_setup_runtime_rejects_one_fixed_gpu_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match="cuda:1 under torchrun"):  # both ranks would land on GPU 1
+        model.setup_runtime(device="cuda:1")
+
+
 def test_setup_runtime_cpu_bfloat16_autocast():
     rt = model.setup_runtime(device="cpu", dtype="bfloat16")
     assert rt.dtype == torch.bfloat16 and not rt.scaler.is_enabled()

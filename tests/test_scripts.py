@@ -177,6 +177,51 @@ def test_sigterm_saves_checkpoint_then_resume(text_file, tmp_path):
     assert metrics["step"] == step + 2
 
 
+def worker_pid(launcher_pid, rank):
+    """The pid of the torchrun worker with RANK=rank among the launcher's children (Linux /proc)."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_ddp_sigterm_to_one_rank_stops_both_then_resume_is_exact(text_file, tmp_path):
+    """SIGTERM to rank 1 of 2 gloo processes: both stop at the same step (an all-reduce of the stop flag),
+    rank 0 saves, both exit 0, and --resume logs the same losses as a run that was never stopped."""
+    steps = ["--max-steps", "300", "--eval-every", "100000", "--dropout", "0.1"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*launch, *tiny_args(text_file, out, *steps)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and len(train_losses(out)) >= 3):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.2)
+    os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # the rank that does not save
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert 3 <= step < 300 and max(train_losses(out)) == step
+    assert len(load_checkpoint(out / "ckpt.pt")["rng_per_rank"]) == 2
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
+                        *tiny_args(text_file, out, *steps, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = tmp_path / "straight"
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
+                        *tiny_args(text_file, straight, *steps))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resumed_exactly(straight, out, 300)
+
+
 # -----------------------------------------------------------------------------
 # Instruction fine-tuning
 
