@@ -335,7 +335,12 @@ def test_sft_from_hugging_face_gpt2_grows_the_vocabulary(sft_file, tmp_path):
     out = tmp_path / "sft"
     sft.main(sft_args(str(tmp_path / "hf"), sft_file, out, "--max-steps", "2", "--export-hf"))
     assert load_checkpoint(out / "ckpt.pt")["model_config"]["vocab_size"] == 50304  # room for the chat tokens
-    assert model.GPT.from_pretrained(str(out / "hf")).config.vocab_size == 50304
+    exported = model.GPT.from_pretrained(str(out / "hf")).eval()
+    tuned, _ = model.load_model(str(out))
+    assert exported.config.vocab_size == 50304
+    x = torch.randint(0, 50304, (2, 16))
+    with torch.no_grad():  # the export is the fine-tuned model itself, not only its shape
+        torch.testing.assert_close(exported(x)[0], tuned.eval()(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_zero_eval_every_is_a_usage_error_and_export_hf_fails_before_training(base_model, sft_file, tmp_path):
