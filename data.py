@@ -62,7 +62,11 @@ def gpt2_tokenizer():
 
 def checkpoint_tokenizer(ckpt):
     """The tokenizer dict of a checkpoint dict from model.load_model. A Hugging Face GPT-2 directory
-    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one."""
+    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one. A Llama or Qwen2
+    directory's own tokenizer is not read yet: its weights load (GPT.from_pretrained), its text does not."""
+    if not ckpt.get("tokenizer") and ckpt.get("hf_model_type", "gpt2") != "gpt2":
+        raise DataError(f"a {ckpt['hf_model_type']} checkpoint's tokenizer (tokenizer.json) is not supported yet: "
+                        f"only its weights load (model.GPT.from_pretrained)")
     return ckpt.get("tokenizer") or gpt2_tokenizer()
 
 

@@ -64,17 +64,21 @@ class GPTConfig:
     attn_impl: str = "sdpa"   # "sdpa" (fused torch kernel) or "manual" (the maths written out)
     score_head: bool = False  # also a linear head from the last hidden state to one number: a reward
                               # model's score or PPO's value (see GPT.scores); lm_head stays as it is
+    head_dim: int = 0         # size of one attention head; 0 = n_embd // n_head (Qwen and Llama 3 may differ)
+    intermediate_size: int = 0  # the MLP's hidden width; 0 = 4C (gelu) or ~8C/3 rounded to 64 (swiglu)
+    qkv_bias: bool = False    # biases on the q, k and v projections only (Qwen2), whatever `bias` says
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         # errors, not asserts: `python -O` drops asserts, and these guard what a user types
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and not self.head_dim:
             raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary embeddings rotate pairs: the head size {self.n_embd // self.n_head} must be even")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings rotate pairs: the head size {self.head_dim} must be even")
 
     @classmethod
     def from_dict(cls, d):
@@ -140,8 +144,7 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, so decoding feeds one token per step."""
 
     def __init__(self, config, batch_size, device, dtype):
-        D = config.n_embd // config.n_head
-        shape = (batch_size, config.n_kv_head, config.block_size, D)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0        # number of positions filled; advanced by GPT.hidden_states after all layers ran
@@ -155,11 +158,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_dim
         self.attn_impl = config.attn_impl
         # q, k and v in one matmul: (H + 2*Hkv) * D outputs; with Hkv == H that is GPT-2's c_attn
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim,
+                             bias=config.bias or config.qkv_bias)
+        self.proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         T = config.block_size
@@ -201,7 +205,7 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att.float(), dim=-1).type_as(q)       # each row sums to 1
             att = F.dropout(att, p_drop, self.training)
             y = att @ v                                           # (B, H, T, Tk) @ (B, H, Tk, D) -> (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C): heads side by side
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D): heads side by side
         return self.resid_drop(self.proj(y))
 
 
@@ -213,11 +217,11 @@ class MLP(nn.Module):
         self.kind = config.mlp
         C = config.n_embd
         if self.kind == "gelu":
-            hidden = 4 * C
+            hidden = config.intermediate_size or 4 * C
             self.fc = nn.Linear(C, hidden, bias=config.bias)
         else:
             # SwiGLU has three matrices; 2/3 of 4C keeps the parameter count of the GELU MLP
-            hidden = 64 * math.ceil(8 * C / 3 / 64)
+            hidden = config.intermediate_size or 64 * math.ceil(8 * C / 3 / 64)
             self.fc = nn.Linear(C, 2 * hidden, bias=config.bias)  # gate and up projections, fused
         self.proj = nn.Linear(hidden, C, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
@@ -268,7 +272,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.score_head = nn.Linear(config.n_embd, 1) if config.score_head else None
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -483,12 +487,16 @@ class GPT(nn.Module):
     # Hugging Face GPT-2 checkpoints
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Load a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
+    def from_pretrained(cls, path, max_block_size=2048):
+        """Load a Hugging Face directory (config.json + model.safetensors, its shards, or pytorch_model.bin):
+        GPT-2 into the gpt2 family, Llama (Llama 2/3, SmolLM, TinyLlama) and Qwen2 into the modern one.
+        max_block_size caps the context (Llama 3 allows 131,072 positions; the causal mask is T x T)."""
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
+        if hf.get("model_type") in ("llama", "qwen2"):
+            return cls._from_llama(path, hf, max_block_size)
         if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints load")
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}: only gpt2, llama and qwen2 checkpoints load")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
@@ -506,6 +514,56 @@ class GPT(nn.Module):
         model.load_state_dict(sd, strict=False)  # lm_head.weight is tied to tok_emb.weight
         missing = set(model.state_dict()) - set(sd) - {"lm_head.weight"}
         assert not missing, f"not loaded: {sorted(missing)}"
+        return model
+
+    @classmethod
+    def _from_llama(cls, path, hf, max_block_size):
+        """A LlamaForCausalLM or Qwen2ForCausalLM checkpoint as the modern family: RMSNorm, SwiGLU, RoPE in
+        the rotate-half layout (as ours), grouped-query attention; Qwen2 adds biases to q, k and v."""
+        where = os.path.join(path, "config.json")
+        for field, ok in [("hidden_act", lambda v: v == "silu"), ("rope_scaling", lambda v: not v),
+                          ("use_sliding_window", lambda v: not v), ("attention_bias", lambda v: not v),
+                          ("mlp_bias", lambda v: not v), ("num_experts", lambda v: not v)]:
+            if field in hf and not ok(hf[field]):
+                raise ValueError(f"{where}: {field} = {hf[field]!r} is not supported by this loader")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not supported by this loader")
+        C, H = hf["hidden_size"], hf["num_attention_heads"]
+        config = GPTConfig(block_size=min(hf.get("max_position_embeddings", 2048), max_block_size),
+                           vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H,
+                           n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
+                           head_dim=hf.get("head_dim") or C // H, intermediate_size=hf["intermediate_size"],
+                           norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                           tie_embeddings=hf.get("tie_word_embeddings", False),
+                           qkv_bias=hf["model_type"] == "qwen2", **FAMILIES["modern"])
+        theirs = {k.removeprefix("model."): v for k, v in _read_hf_weights(path).items()}
+
+        def take(name):
+            if name not in theirs:
+                raise ValueError(f"{path}: weight {name!r} missing from the checkpoint")
+            return theirs[name]
+
+        sd = {"tok_emb.weight": take("embed_tokens.weight"), "ln_f.weight": take("norm.weight")}
+        if not config.tie_embeddings:
+            sd["lm_head.weight"] = take("lm_head.weight")
+        for i in range(config.n_layer):
+            a, ours = f"layers.{i}.", f"blocks.{i}."
+            sd[ours + "ln1.weight"] = take(a + "input_layernorm.weight")
+            sd[ours + "ln2.weight"] = take(a + "post_attention_layernorm.weight")
+            sd[ours + "attn.qkv.weight"] = torch.cat([take(a + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            if config.qkv_bias:
+                sd[ours + "attn.qkv.bias"] = torch.cat([take(a + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            sd[ours + "attn.proj.weight"] = take(a + "self_attn.o_proj.weight")
+            # our fc is [gate; up] in one matmul, then silu(gate) * up
+            sd[ours + "mlp.fc.weight"] = torch.cat([take(a + "mlp.gate_proj.weight"), take(a + "mlp.up_proj.weight")])
+            sd[ours + "mlp.proj.weight"] = take(a + "mlp.down_proj.weight")
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = set(missing) - ({"lm_head.weight"} if config.tie_embeddings else set())
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights not loaded {sorted(missing)[:3]}, unknown {sorted(unexpected)[:3]}")
         return model
 
     def exports_to_hf(self):
@@ -559,7 +617,21 @@ def _gpt2_name_table(n_layer):
 
 
 def _read_hf_weights(path):
+    """{name: tensor} of a Hugging Face directory: model.safetensors, shards listed in
+    model.safetensors.index.json, or pytorch_model.bin."""
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(st) and os.path.exists(index):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SystemExit(f"{index}: sharded safetensors need the optional package safetensors: pip install safetensors")
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(os.path.join(path, shard)))
+        return weights
     if os.path.exists(st):
         try:
             from safetensors.torch import load_file
@@ -715,7 +787,9 @@ def load_model(init_from, map_location="cpu"):
         return model, ckpt
     if os.path.isfile(os.path.join(init_from, "config.json")):
         model = GPT.from_pretrained(init_from)  # no "tokenizer": data.checkpoint_tokenizer gives GPT-2's
-        return model, {"model_config": asdict(model.config), "step": 0}
+        with open(os.path.join(init_from, "config.json")) as f:
+            model_type = json.load(f).get("model_type", "gpt2")
+        return model, {"model_config": asdict(model.config), "step": 0, "hf_model_type": model_type}
     hint = ""
     if not os.path.exists(init_from) and os.path.basename(init_from.rstrip("/")).startswith("gpt2"):
         hint = (f"; nothing is downloaded at run time: on a machine with internet, `huggingface-cli download "

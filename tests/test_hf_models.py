@@ -1,0 +1,84 @@
+"""
+Llama and Qwen2 checkpoints into the modern family (GPT.from_pretrained): tiny random LlamaForCausalLM
+(grouped-query attention, tied and untied embeddings, a head size other than n_embd / n_head) and
+Qwen2ForCausalLM (biases on q, k, v) built by transformers, saved, loaded here: logits equal to
+transformers' to 1e-4 and the same greedy tokens with the KV cache; a sharded checkpoint; one-line errors
+for configs this loader does not support. Skipped when transformers is not installed (CI installs it).
+
+  python -m pytest tests/test_hf_models.py
+"""
+
+import json
+
+import pytest
+import torch
+
+from model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(kind, **overrides):
+    kw = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
+
+
+def check_same(theirs, ours):
+    idx = torch.randint(0, 160, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-4, rtol=1e-4)
+        want = theirs.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=10, do_sample=False,
+                               pad_token_id=0)  # without the mask, HF takes every id 0 for padding
+        got = ours.generate(idx, 10, temperature=0, use_cache=True)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("llama", {}),                                   # GQA, untied
+    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("llama", {"head_dim": 32}),                     # 4 heads of 32 in a width of 64
+    ("qwen2", {}),                                   # biases on q, k, v
+    ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6}),
+])
+def test_logits_and_greedy_tokens_match_transformers(tmp_path, kind, overrides):
+    theirs = tiny(kind, **overrides)
+    theirs.save_pretrained(str(tmp_path))
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.tie_embeddings == overrides.get("tie_word_embeddings", False)
+    assert ours.config.qkv_bias == (kind == "qwen2")
+    check_same(theirs, ours)
+
+
+def test_sharded_checkpoint(tmp_path):
+    theirs = tiny("llama")
+    theirs.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    check_same(theirs, GPT.from_pretrained(str(tmp_path)).eval())
+
+
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+                                         ("hidden_act", "gelu"), ("use_sliding_window", True)])
+def test_unsupported_configs_name_the_field(tmp_path, field, value):
+    tiny("qwen2").save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    config.pop("rope_parameters", None) if field == "rope_scaling" else None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=field):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_load_model_takes_the_weights_and_refuses_to_guess_the_tokenizer(tmp_path):
+    import data
+    import model
+    tiny("llama").save_pretrained(str(tmp_path))
+    loaded, ckpt = model.load_model(str(tmp_path))
+    assert loaded.config.n_kv_head == 2 and ckpt["hf_model_type"] == "llama"
+    with pytest.raises(data.DataError, match="tokenizer"):  # never GPT-2's ids for a Llama vocabulary
+        data.checkpoint_tokenizer(ckpt)
