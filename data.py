@@ -62,12 +62,73 @@ def gpt2_tokenizer():
 
 def checkpoint_tokenizer(ckpt):
     """The tokenizer dict of a checkpoint dict from model.load_model. A Hugging Face GPT-2 directory
-    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one. A Llama or Qwen2
-    directory's own tokenizer is not read yet: its weights load (GPT.from_pretrained), its text does not."""
+    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one; a Llama or Qwen2
+    directory, its own byte-level BPE (hf_bpe_tokenizer)."""
     if not ckpt.get("tokenizer") and ckpt.get("hf_model_type", "gpt2") != "gpt2":
-        raise DataError(f"a {ckpt['hf_model_type']} checkpoint's tokenizer (tokenizer.json) is not supported yet: "
-                        f"only its weights load (model.GPT.from_pretrained)")
+        return hf_bpe_tokenizer(ckpt["hf_path"])
     return ckpt.get("tokenizer") or gpt2_tokenizer()
+
+
+def _byte_of_char():
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is written as in a
+    byte-level BPE's vocabulary (printable ASCII and Latin-1 stand for themselves, the other bytes are
+    shifted to 256 and up) -> the byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = dict(zip(shown, shown))
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + len(chars) - len(shown)
+    return {chr(c): b for b, c in chars.items()}
+
+
+def hf_bpe_tokenizer(path):
+    """A Hugging Face byte-level BPE (tokenizer.json, or vocab.json + merges.txt) as a tokenizer dict, so
+    that tiktoken encodes it: each vocabulary string back to its bytes, its id as the rank, the model's
+    pre-tokenization regex (GPT-2's for a plain ByteLevel), its added tokens as special tokens, and this
+    project's chat tokens (and <|endoftext|>) after the last id where the model has none (GPT-2, SmolLM2,
+    Qwen2/2.5, Llama 3). tiktoken merges the pair whose result has the lowest rank, BPE the earliest merge:
+    the same when ids follow the merge order, which is checked. SentencePiece tokenizers (Llama 2,
+    TinyLlama, Mistral) are refused."""
+    from tiktoken_ext.openai_public import r50k_pat_str
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            spec = json.load(f)
+        bpe = spec.get("model") or {}
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        if bpe.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in steps):
+            raise DataError(f"{file}: not a byte-level BPE (model {bpe.get('type')!r}); SentencePiece tokenizers "
+                            f"(Llama 2, TinyLlama, Mistral) are not supported")
+        vocab, merges = bpe["vocab"], bpe.get("merges", [])
+        patterns = [p["pattern"]["Regex"] for p in steps if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+        pat_str = patterns[0] if patterns else r50k_pat_str
+        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    elif os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+            merges = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
+        pat_str, specials = r50k_pat_str, {EOT: vocab[EOT]} if EOT in vocab else {}
+    else:
+        raise DataError(f"{path}: no tokenizer.json, nor vocab.json and merges.txt")
+    byte_of = _byte_of_char()
+    ranks = {}
+    for token, i in vocab.items():
+        if token in specials:
+            continue
+        if any(ch not in byte_of for ch in token):
+            raise DataError(f"{path}: vocabulary entry {token!r} is not byte-level BPE")
+        ranks[bytes(byte_of[ch] for ch in token)] = i
+    merged = [vocab.get("".join(m) if isinstance(m, list) else m.replace(" ", "", 1)) for m in merges]
+    if any(r is None for r in merged) or any(a >= b for a, b in zip(merged, merged[1:])):
+        raise DataError(f"{path}: merge order and id order differ, which tiktoken's rank format cannot hold")
+    for name in [EOT] + CHAT_TOKENS:
+        if name not in specials:
+            specials[name] = max([*ranks.values(), *specials.values()]) + 1
+    lines = "".join(f"{base64.b64encode(b).decode()} {i}\n" for b, i in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return {"name": os.path.basename(os.path.abspath(path)), "pat_str": pat_str, "ranks": lines,
+            "special_tokens": specials}
 
 
 def get_encoding(tok):

@@ -789,7 +789,8 @@ def load_model(init_from, map_location="cpu"):
         model = GPT.from_pretrained(init_from)  # no "tokenizer": data.checkpoint_tokenizer gives GPT-2's
         with open(os.path.join(init_from, "config.json")) as f:
             model_type = json.load(f).get("model_type", "gpt2")
-        return model, {"model_config": asdict(model.config), "step": 0, "hf_model_type": model_type}
+        return model, {"model_config": asdict(model.config), "step": 0, "hf_model_type": model_type,
+                       "hf_path": os.path.abspath(init_from)}
     hint = ""
     if not os.path.exists(init_from) and os.path.basename(init_from.rstrip("/")).startswith("gpt2"):
         hint = (f"; nothing is downloaded at run time: on a machine with internet, `huggingface-cli download "

@@ -80,5 +80,61 @@ def test_load_model_takes_the_weights_and_refuses_to_guess_the_tokenizer(tmp_pat
     tiny("llama").save_pretrained(str(tmp_path))
     loaded, ckpt = model.load_model(str(tmp_path))
     assert loaded.config.n_kv_head == 2 and ckpt["hf_model_type"] == "llama"
-    with pytest.raises(data.DataError, match="tokenizer"):  # never GPT-2's ids for a Llama vocabulary
+    with pytest.raises(data.DataError, match="no tokenizer.json"):  # never GPT-2's ids for a Llama vocabulary
+        data.checkpoint_tokenizer(ckpt)
+
+
+MULTILINGUAL = ["The capital of France is Paris.", "Ça coûte 12,50 € — déjà vu?", "Größe, Straße; naïve café",
+                "Москва — столица России.", "東京は日本の首都です。", "emoji 🙂👍🏽 and tabs\tand\n\nnewlines  ",
+                "don't won't I'm you're 1234567 3.14159", "   leading spaces", "mixed-CASE Words ALLCAPS"]
+
+
+def bpe_tokenizer_json(tmp_path, split_regex=None):
+    """A tiny byte-level BPE trained by the tokenizers library on the sample, saved as tokenizer.json;
+    split_regex: a Split pre-tokenizer before ByteLevel, as Qwen2 and Llama 3 have."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(MULTILINGUAL * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tok
+
+
+@pytest.mark.parametrize("split_regex", [None, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"])
+def test_byte_level_bpe_encodes_as_the_tokenizers_library(tmp_path, split_regex):
+    import data
+    reference = bpe_tokenizer_json(tmp_path, split_regex)
+    tok = data.hf_bpe_tokenizer(str(tmp_path))
+    enc = data.get_encoding(tok)
+    for text in MULTILINGUAL + ["unseen: Wörterbuch ĳ ∑ 你好 \u200d"]:
+        assert data.encode(enc, text) == reference.encode(text).ids, text
+        assert data.decode(enc, data.encode(enc, text)) == text
+    specials = tok["special_tokens"]
+    assert specials["<|endoftext|>"] == reference.token_to_id("<|endoftext|>")  # the model's own id kept
+    assert specials["<|im_start|>"] == reference.token_to_id("<|im_start|>")
+    n = reference.get_vocab_size()
+    assert [specials[t] for t in data.CHAT_TOKENS] == list(range(n, n + 4))  # ours appended after the vocabulary
+
+
+def test_llama_directory_loads_with_its_tokenizer_and_sentencepiece_is_refused(tmp_path):
+    import data
+    import model
+    tiny("llama", vocab_size=640).save_pretrained(str(tmp_path))
+    bpe_tokenizer_json(tmp_path)
+    loaded, ckpt = model.load_model(str(tmp_path))
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
+    assert data.special_id(enc, "<|end|>") == enc.n_vocab - 1 and loaded.config.vocab_size == 640
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"]["type"] = "Unigram"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(data.DataError, match="SentencePiece"):
         data.checkpoint_tokenizer(ckpt)
