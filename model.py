@@ -567,31 +567,69 @@ class GPT(nn.Module):
         return model
 
     def exports_to_hf(self):
-        """True for the gpt2 family with tied embeddings and no GQA: what the GPT-2 format can hold."""
+        """True for what a Hugging Face format can hold: the gpt2 family with tied embeddings and no GQA
+        (GPT2LMHeadModel), or the modern family (LlamaForCausalLM; Qwen2ForCausalLM with qkv_bias)."""
         c = self.config
-        return (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head) == \
-            ("learned", "layernorm", "gelu", True, True, c.n_head) and not c.score_head
+        if c.score_head:
+            return False
+        gpt2 = (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head) == \
+            ("learned", "layernorm", "gelu", True, True, c.n_head) and c.head_dim * c.n_head == c.n_embd
+        return gpt2 or (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
 
     def save_pretrained(self, path):
-        """Export to the Hugging Face GPT-2 format (config.json + pytorch_model.bin)."""
+        """Export to a Hugging Face directory: config.json and model.safetensors (pytorch_model.bin when the
+        optional safetensors package is missing). The gpt2 family as GPT2LMHeadModel, the modern one as
+        LlamaForCausalLM (Qwen2ForCausalLM when it has q, k, v biases): the reverse of from_pretrained."""
         c = self.config
         if not self.exports_to_hf():
-            raise ValueError("only the gpt2 family (with tied embeddings, no GQA) exports to the GPT-2 format")
+            raise ValueError("only the gpt2 family (tied embeddings, no GQA) and the modern family without a score "
+                             "head export to a Hugging Face format")
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        if c.pos_emb == "learned":
+            hf_sd = {"transformer." + theirs: (sd[ours].t() if transpose else sd[ours])
+                     for ours, theirs, transpose in _gpt2_name_table(c.n_layer)}
+            hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
+            hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                             n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                             n_head=c.n_head, n_inner=None, activation_function="gelu_new",
+                             layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+                             attn_pdrop=c.dropout, tie_word_embeddings=True)
+            if c.vocab_size > 50256:  # GPT-2's <|endoftext|> doubles as begin and end of text
+                hf_config.update(bos_token_id=50256, eos_token_id=50256)
+        else:
+            H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+            hf_sd = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["ln_f.weight"]}
+            if not c.tie_embeddings:
+                hf_sd["lm_head.weight"] = sd["lm_head.weight"]
+            for i in range(c.n_layer):
+                a, ours = f"model.layers.{i}.", f"blocks.{i}."
+                hf_sd[a + "input_layernorm.weight"] = sd[ours + "ln1.weight"]
+                hf_sd[a + "post_attention_layernorm.weight"] = sd[ours + "ln2.weight"]
+                for x, w in zip("qkv", sd[ours + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D])):
+                    hf_sd[a + f"self_attn.{x}_proj.weight"] = w
+                if c.qkv_bias:
+                    for x, b in zip("qkv", sd[ours + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
+                        hf_sd[a + f"self_attn.{x}_proj.bias"] = b
+                hf_sd[a + "self_attn.o_proj.weight"] = sd[ours + "attn.proj.weight"]
+                gate, up = sd[ours + "mlp.fc.weight"].chunk(2)
+                hf_sd[a + "mlp.gate_proj.weight"], hf_sd[a + "mlp.up_proj.weight"] = gate, up
+                hf_sd[a + "mlp.down_proj.weight"] = sd[ours + "mlp.proj.weight"]
+            kind = "qwen2" if c.qkv_bias else "llama"
+            hf_config = dict(architectures=["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"], model_type=kind,
+                             vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=self.blocks[0].mlp.proj.in_features,
+                             num_hidden_layers=c.n_layer, num_attention_heads=H, num_key_value_heads=Hkv,
+                             head_dim=D, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+                             rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
+                             attention_bias=False, torch_dtype="float32")
+        hf_sd = {k: v.contiguous().clone() for k, v in hf_sd.items()}  # safetensors stores no shared tensors
         os.makedirs(path, exist_ok=True)
-        sd = self.state_dict()
-        hf_sd = {theirs: (sd[ours].t() if transpose else sd[ours]).contiguous()
-                 for ours, theirs, transpose in _gpt2_name_table(c.n_layer)}
-        hf_sd["lm_head.weight"] = sd["tok_emb.weight"].clone()
-        hf_sd = {("" if k == "lm_head.weight" else "transformer.") + k: v for k, v in hf_sd.items()}
-        hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                         n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                         n_head=c.n_head, n_inner=None, activation_function="gelu_new",
-                         layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                         attn_pdrop=c.dropout, tie_word_embeddings=True)
-        if c.vocab_size > 50256:  # GPT-2's <|endoftext|> doubles as begin and end of text
-            hf_config.update(bos_token_id=50256, eos_token_id=50256)
         atomic_write(os.path.join(path, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
-        atomic_write(os.path.join(path, "pytorch_model.bin"), lambda f: torch.save(hf_sd, f))
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            atomic_write(os.path.join(path, "pytorch_model.bin"), lambda f: torch.save(hf_sd, f))
+        else:
+            atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(save(hf_sd, {"format": "pt"})))
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token: 6N for the matmuls forward+backward, plus 12·L·C·T for attention

@@ -62,7 +62,7 @@ def get_args(argv=None):
                    help=".jsonl: Alpaca {instruction,input,output}, chat {messages} or {prompt,completion}")
     p.add_argument("--out", default="out/sft", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    p.add_argument("--export-hf", action="store_true", help="also write OUT/hf in Hugging Face GPT-2 format (gpt2 family)")
+    p.add_argument("--export-hf", action="store_true", help="also write OUT/hf in Hugging Face format (GPT-2, or Llama for the modern family)")
     # data
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out for the validation loss")
     p.add_argument("--max-len", type=int, default=0, help="longest example in tokens (0 = the model's block_size)")
@@ -134,8 +134,8 @@ def main(argv=None):
             model.load_state_dict(resume["model"])
     config = model.config
     if args.export_hf and not model.exports_to_hf():  # say so now, not after training
-        sys.exit(f"error: --export-hf: {args.init_from} is not a gpt2-family model (pretrain.py --family gpt2); "
-                 f"only those export to the Hugging Face GPT-2 format")
+        sys.exit(f"error: --export-hf: {args.init_from} fits no Hugging Face format (GPT-2 needs tied embeddings "
+                 f"and no GQA)")
     model.to(rt.device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -270,7 +270,7 @@ def main(argv=None):
     if args.export_hf:
         merged = merge_lora(copy.deepcopy(model)) if args.lora_r else model
         merged.save_pretrained(os.path.join(args.out, "hf"))
-        log(f"Hugging Face GPT-2 export: {os.path.join(args.out, 'hf')}")
+        log(f"Hugging Face export: {os.path.join(args.out, 'hf')}")
     log(f"done: step {step}, val loss {metrics['val/loss']:.4f}")
 
     # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------

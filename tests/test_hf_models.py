@@ -138,3 +138,19 @@ def test_llama_directory_loads_with_its_tokenizer_and_sentencepiece_is_refused(t
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(data.DataError, match="SentencePiece"):
         data.checkpoint_tokenizer(ckpt)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, n_kv_head=1), dict(qkv_bias=True)])
+def test_the_modern_family_exports_to_transformers(tiny_config, tmp_path, overrides):
+    from model import FAMILIES, GPTConfig
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=32, vocab_size=160, n_layer=2, n_head=4, n_embd=64, **FAMILIES["modern"],
+                         **overrides)).eval()
+    if ours.config.qkv_bias:  # non-zero biases, so that losing them would show
+        for block in ours.blocks:
+            torch.nn.init.normal_(block.attn.qkv.bias, std=0.1)
+    ours.save_pretrained(str(tmp_path))
+    cls = transformers.Qwen2ForCausalLM if ours.config.qkv_bias else transformers.LlamaForCausalLM
+    theirs = cls.from_pretrained(str(tmp_path)).eval()
+    check_same(theirs, ours)
+    check_same(theirs, GPT.from_pretrained(str(tmp_path)).eval())  # and back
