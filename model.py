@@ -67,6 +67,8 @@ class GPTConfig:
     head_dim: int = 0         # size of one attention head; 0 = n_embd // n_head (Qwen and Llama 3 may differ)
     intermediate_size: int = 0  # the MLP's hidden width; 0 = 4C (gelu) or ~8C/3 rounded to 64 (swiglu)
     qkv_bias: bool = False    # biases on the q, k and v projections only (Qwen2), whatever `bias` says
+    rope_llama3: tuple = ()   # Llama 3.1's rope scaling: (factor, low_freq_factor, high_freq_factor,
+                              # original_max_position_embeddings); () = none
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -121,9 +123,19 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(T, D, theta, device=None):
-    """cos and sin of position * frequency for rotary embeddings, each (T, D/2)."""
+def rope_tables(T, D, theta, device=None, llama3=()):
+    """cos and sin of position * frequency for rotary embeddings, each (T, D/2).
+
+    llama3 = (factor, low, high, original context L): Llama 3.1's long-context scaling. Frequencies whose
+    wavelength 2π/f is longer than L/low are divided by factor, those shorter than L/high kept, and the
+    ones between blended linearly in L/wavelength (Meta's reference code, as transformers has it).
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=device).float() / D))  # (D/2,)
+    if llama3:
+        factor, low, high, L = llama3
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((L / wavelen - low) / (high - low)).clamp(0, 1)  # 0 for long wavelengths, 1 for short ones
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     angles = torch.outer(torch.arange(T, device=device).float(), inv_freq)          # (T, D/2)
     return angles.cos(), angles.sin()
 
@@ -272,7 +284,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.score_head = nn.Linear(config.n_embd, 1) if config.score_head else None
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta, llama3=tuple(config.rope_llama3))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -521,14 +533,18 @@ class GPT(nn.Module):
         """A LlamaForCausalLM or Qwen2ForCausalLM checkpoint as the modern family: RMSNorm, SwiGLU, RoPE in
         the rotate-half layout (as ours), grouped-query attention; Qwen2 adds biases to q, k and v."""
         where = os.path.join(path, "config.json")
-        for field, ok in [("hidden_act", lambda v: v == "silu"), ("rope_scaling", lambda v: not v),
+        for field, ok in [("hidden_act", lambda v: v == "silu"),
                           ("use_sliding_window", lambda v: not v), ("attention_bias", lambda v: not v),
                           ("mlp_bias", lambda v: not v), ("num_experts", lambda v: not v)]:
             if field in hf and not ok(hf[field]):
                 raise ValueError(f"{where}: {field} = {hf[field]!r} is not supported by this loader")
-        rope = hf.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not supported by this loader")
+        field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = hf.get(field) or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
+            raise ValueError(f"{where}: {field} of type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                             f"by this loader (none or llama3)")
+        llama3 = tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                         "original_max_position_embeddings")) if rope.get("rope_type") == "llama3" else ()
         C, H = hf["hidden_size"], hf["num_attention_heads"]
         config = GPTConfig(block_size=min(hf.get("max_position_embeddings", 2048), max_block_size),
                            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H,
@@ -537,7 +553,7 @@ class GPT(nn.Module):
                            norm_eps=hf.get("rms_norm_eps", 1e-6),
                            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                            tie_embeddings=hf.get("tie_word_embeddings", False),
-                           qkv_bias=hf["model_type"] == "qwen2", **FAMILIES["modern"])
+                           qkv_bias=hf["model_type"] == "qwen2", rope_llama3=llama3, **FAMILIES["modern"])
         theirs = {k.removeprefix("model."): v for k, v in _read_hf_weights(path).items()}
 
         def take(name):
@@ -621,6 +637,10 @@ class GPT(nn.Module):
                              head_dim=D, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                              rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
                              attention_bias=False, torch_dtype="float32")
+            if c.rope_llama3:
+                hf_config["rope_scaling"] = dict(zip(("factor", "low_freq_factor", "high_freq_factor",
+                                                      "original_max_position_embeddings"), c.rope_llama3),
+                                                 rope_type="llama3")
         hf_sd = {k: v.contiguous().clone() for k, v in hf_sd.items()}  # safetensors stores no shared tensors
         os.makedirs(path, exist_ok=True)
         atomic_write(os.path.join(path, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))

@@ -45,6 +45,8 @@ def check_same(theirs, ours):
     ("llama", {"head_dim": 32}),                     # 4 heads of 32 in a width of 64
     ("qwen2", {}),                                   # biases on q, k, v
     ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,  # Llama 3.1's,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),  # inside 64
 ])
 def test_logits_and_greedy_tokens_match_transformers(tmp_path, kind, overrides):
     theirs = tiny(kind, **overrides)
@@ -154,3 +156,17 @@ def test_the_modern_family_exports_to_transformers(tiny_config, tmp_path, overri
     theirs = cls.from_pretrained(str(tmp_path)).eval()
     check_same(theirs, ours)
     check_same(theirs, GPT.from_pretrained(str(tmp_path)).eval())  # and back
+
+
+def test_llama3_rope_scaling_round_trips_through_export(tmp_path):
+    theirs = tiny("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    theirs.save_pretrained(str(tmp_path / "a"))
+    ours = GPT.from_pretrained(str(tmp_path / "a")).eval()
+    assert tuple(ours.config.rope_llama3) == (8.0, 1.0, 4.0, 16)
+    plain = GPT.from_pretrained(str(tmp_path / "a")).eval()
+    plain.rope_cos, plain.rope_sin = __import__("model").rope_tables(64, 16, 10000.0)
+    idx = torch.randint(0, 160, (1, 40))
+    assert not torch.allclose(plain(idx)[0], ours(idx)[0], atol=1e-3)  # the scaling matters in this context
+    ours.save_pretrained(str(tmp_path / "b"))
+    check_same(transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "b")).eval(), ours)
