@@ -179,6 +179,44 @@ def model_vocab_size(tok):
     return -(-n_ids // 64) * 64
 
 
+def save_hf_tokenizer(tok, path):
+    """Write a tokenizer dict as a Hugging Face tokenizer.json in path (byte-level BPE: the vocabulary in
+    GPT-2's printable byte alphabet, merges rebuilt from the ranks, the regex as a Split step, special
+    tokens as added tokens), so that an exported model's text loads in transformers too.
+
+    The merges: BPE builds each token from the two parts it was last merged from; running tiktoken's own
+    rule (merge the adjacent pair of lowest rank) on the token's bytes with only lower ranks allowed
+    stops at exactly those two parts."""
+    enc = get_encoding(tok)
+    char_of = {b: c for c, b in _byte_of_char().items()}
+    show = lambda b: "".join(char_of[x] for x in b)  # noqa: E731
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in tok["special_tokens"].values()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append([show(parts[0]), show(parts[1])])
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for name, i in sorted(tok["special_tokens"].items(), key=lambda kv: kv[1])],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok["pat_str"]}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {show(b): i for b, i in ranks.items()}, "merges": merges}}
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, "tokenizer.json"), lambda f: f.write(json.dumps(spec, ensure_ascii=False).encode()))
+
+
 def save_tokenizer(tok, path):
     """Write the tokenizer dict as JSON, plus its ranks as PATH.tiktoken (tiktoken's own file format)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -270,7 +270,8 @@ def main(argv=None):
     if args.export_hf:
         merged = merge_lora(copy.deepcopy(model)) if args.lora_r else model
         merged.save_pretrained(os.path.join(args.out, "hf"))
-        log(f"Hugging Face export: {os.path.join(args.out, 'hf')}")
+        data.save_hf_tokenizer(tokenizer, os.path.join(args.out, "hf"))  # its text, with the chat tokens
+        log(f"Hugging Face export (weights, config.json, tokenizer.json): {os.path.join(args.out, 'hf')}")
     log(f"done: step {step}, val loss {metrics['val/loss']:.4f}")
 
     # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------

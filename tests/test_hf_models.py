@@ -170,3 +170,20 @@ def test_llama3_rope_scaling_round_trips_through_export(tmp_path):
     assert not torch.allclose(plain(idx)[0], ours(idx)[0], atol=1e-3)  # the scaling matters in this context
     ours.save_pretrained(str(tmp_path / "b"))
     check_same(transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "b")).eval(), ours)
+
+
+@pytest.mark.parametrize("which", ["world", "gpt2"])
+def test_exported_tokenizer_json_encodes_as_ours(tmp_path, which):
+    import os
+    import data
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = data.gpt2_tokenizer() if which == "gpt2" else data.load_tokenizer(os.path.join(data.DATA_DIR, "world", "tokenizer.json"))
+    data.save_hf_tokenizer(tok, str(tmp_path))
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    enc = data.get_encoding(tok)
+    for text in MULTILINGUAL + ["The capital of France is Paris.", "  two  spaces\n\nand a line"]:
+        assert theirs.encode(text, add_special_tokens=False).ids == data.encode(enc, text), text
+        assert theirs.decode(data.encode(enc, text)) == text
+    # and back: the exported file read as a model directory's tokenizer gives the same encoding
+    again = data.get_encoding(data.hf_bpe_tokenizer(str(tmp_path)))
+    assert again.encode_ordinary(MULTILINGUAL[3]) == data.encode(enc, MULTILINGUAL[3])

@@ -354,6 +354,11 @@ def test_zero_eval_every_is_a_usage_error_and_the_modern_family_exports_as_llama
     x = torch.randint(0, 50304, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, tuned.eval()(x)[0], atol=1e-4, rtol=1e-4)
+    from tokenizers import Tokenizer  # and the tokenizer, chat tokens included
+    enc = data.get_encoding(data.checkpoint_tokenizer(load_checkpoint(out / "ckpt.pt")))
+    text = "What is the capital of France?"
+    assert Tokenizer.from_file(str(out / "hf" / "tokenizer.json")).encode(text).ids == data.encode(enc, text)
+    assert Tokenizer.from_file(str(out / "hf" / "tokenizer.json")).token_to_id("<|end|>") == data.special_id(enc, "<|end|>")
 
 
 def test_sft_full_fine_tuning_resume_is_exact(base_model, sft_file, tmp_path):
