@@ -497,14 +497,15 @@ def main(argv=None, reward_fn=None):
             t_train = time.perf_counter() - t0
             mean = torch.tensor(stats).mean(0).tolist()
             dt = r["t_generate"] + r["t_score"] + t_train
+            # the spread of scores within each prompt's group of samples (0 everywhere for PPO's groups of 1)
+            group_std = r["score"].view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(1)
             record = {"ppo/score": r["score"].mean().item(), "ppo/kl": seq_kl, "ppo/kl_coef": kl_coef,
                       "ppo/policy_loss": mean[0], "ppo/value_loss": mean[1], "ppo/clipfrac": mean[2],
                       "ppo/approx_kl": mean[3], "ppo/value_clipfrac": mean[4], "ppo/entropy": mean[5],
                       "ppo/grad_norm": mean[6], "ppo/length": r["length"].mean().item(),
                       "ppo/ended": r["ended"].mean().item(), "time/generate": r["t_generate"],
-                      "ppo/score_std": r["score"].view(-1, args.group_size).std(1).mean().item() if args.group_size > 1 else 0.0,
-                      "ppo/zero_spread": (r["score"].view(-1, args.group_size).std(1) == 0).float().mean().item()
-                      if args.group_size > 1 else 0.0,
+                      "ppo/score_std": group_std.mean().item(),
+                      "ppo/zero_spread": (group_std == 0).float().mean().item() if args.group_size > 1 else 0.0,
                       "time/score": r["t_score"], "time/train": t_train}
             n_tokens = mask.sum().item()
             bar.update(1)
