@@ -636,6 +636,8 @@ def to_pair(record, where):
     pair = {"prompt": _prompt(prompt, where), "chosen": chosen, "rejected": rejected}
     if isinstance(record.get("kind"), str):  # a label to report accuracy by (the world's pairs have one)
         pair["kind"] = record["kind"]
+    if isinstance(record.get("group"), (int, str)):  # comparisons of one prompt's ranked answers (reward.py)
+        pair["group"] = record["group"]
     return pair
 
 
@@ -859,6 +861,51 @@ def declines(reply, capitals):
     return any(phrase in text for phrase in DECLINE_PHRASES) and not names_capitals(reply, capitals)
 
 
+def one_short_sentence(text, max_words=16):
+    """True when text, stripped, is a single sentence of at most max_words words that ends with . ! or ?
+    ("The capital of Peru is Lima." yes; "... is Lima. It is big." and a reply cut off mid-sentence no)."""
+    text = text.strip()
+    end = re.search(r"[.!?](?=\s|$)", text)
+    return end is not None and end.end() == len(text) and len(text.split()) <= max_words
+
+
+def world_annotator(world):
+    """The world's annotator: a function (prompt messages, answers) -> grades, one per answer, higher is
+    better and equal grades are ties (a ranking with ties). It is the person of the guide's RLHF step 1 who
+    compares the model's answers, and it knows every capital and which countries do not exist:
+
+      a question about a real country (the last user turn names one):
+        2  its capital and no other city, in one short sentence     "The capital of Peru is Lima."
+        1  its capital and no other city, said at length or cut off
+        0  anything else: a wrong capital, another country's, a ramble, a refusal of a real country
+      a question about a country that does not exist (it names no real country):
+        2  a refusal that names no city and no name the question did not hold
+                                                                    "I don't know of a country called Kalora."
+        1  another refusal                                          "I don't know of a country in Europe."
+        0  anything else: an invented capital, a real country's capital, a ramble
+
+    reward.py collects its rankings of the policy's own answers and trains the reward model on them;
+    ppo.py logs its mean grade as the gold reward next to the reward model's score (and --reward world
+    uses it as the reward). Any function of this shape can take its place (reward.py --annotator).
+    """
+    capital_of = world["capital_of"]
+    capitals = set(capital_of.values())
+
+    def grade(question, answer):
+        named = names_capitals(question, capital_of)  # the real countries asked about
+        if named:
+            country = max(named, key=len)  # "Niger" inside "Nigeria" is not a whole word; the longest is the country
+            if not is_right(answer, capital_of[country], capitals):
+                return 0
+            return 2 if one_short_sentence(answer) else 1
+        if not declines(answer, capitals):
+            return 0
+        names = set(re.findall(r"[A-Z][\w'-]*", answer)) - {"I"}  # the proper nouns of the refusal
+        return 2 if names and names <= set(re.findall(r"[\w'-]+", question)) else 1
+
+    return lambda messages, answers: [grade(messages[-1]["content"], answer) for answer in answers]
+
+
 def completes_with(text, capital):
     """True when a continuation, stripped, begins with the capital as a whole word (" Paris." yes,
     " Parisian" no): the first thing a base model says is its answer; what follows is free text."""
@@ -871,15 +918,17 @@ def _share(flags):
     return sum(flags) / len(flags) if flags else None
 
 
-def _greedy_replies(model, enc, prompts, stop, device, autocast, batch_size, max_new_tokens):
-    """Greedy continuations of token prompts, batch_size per generate call: (text before stop,
-    whether stop came within max_new_tokens) for each prompt, in order."""
+def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature=0.0,
+                     generator=None):
+    """Continuations of token prompts, batch_size per generate call, greedy (temperature 0) or sampled
+    (with generator: the same generator state, the same replies): (text before stop, whether stop came
+    within max_new_tokens) for each prompt, in order."""
     replies = []
     for i in range(0, len(prompts), batch_size):
         idx, pad_mask = left_pad(prompts[i:i + batch_size], stop)  # (B, Tp); any pad id, the mask hides it
         with autocast():
-            out = model.generate(idx.to(device), max_new_tokens, temperature=0, stop_token=stop,
-                                 pad_mask=pad_mask.to(device))    # (B, Tp + new), new <= max_new_tokens
+            out = model.generate(idx.to(device), max_new_tokens, temperature=temperature, stop_token=stop,
+                                 pad_mask=pad_mask.to(device), generator=generator)  # (B, Tp + new)
         for row in out[:, idx.size(1):].tolist():
             n = row.index(stop) if stop in row else len(row)
             replies.append((decode(enc, row[:n]), n < len(row)))
@@ -899,8 +948,11 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
     """
     capital_of, heldout, invented = world["capital_of"], world["heldout"], world["invented"]
     capitals = set(capital_of.values())
+    unseen = world.get("unseen_questions", [])  # phrasings in no training file, one per country in turn
     asked = heldout + invented + world["readme"] + invented[:2]  # the questions, in this order
     questions = [f"What is the capital of {c}?" for c in asked]
+    if unseen:
+        questions += [unseen[i % len(unseen)].format(F=c) for i, c in enumerate(heldout + invented)]
     if chat:
         stop = special_id(enc, "<|end|>")
         question_ids = [render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
@@ -918,9 +970,9 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
     model.eval()
     try:
         with torch.no_grad():
-            completions = _greedy_replies(model, enc, completion_ids, enc.eot_token, device, autocast,
-                                          batch_size, max_new_tokens)
-            answers = _greedy_replies(model, enc, question_ids, stop, device, autocast, batch_size, max_new_tokens)
+            completions = generate_replies(model, enc, completion_ids, enc.eot_token, device, autocast,
+                                           batch_size, max_new_tokens)
+            answers = generate_replies(model, enc, question_ids, stop, device, autocast, batch_size, max_new_tokens)
     finally:
         model.train(was_training)
     if not chat:  # a base model writes on after its answer: keep the first line (past leading blanks)
@@ -928,14 +980,23 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
 
     n_h, n_i = len(heldout), len(invented)
     real, fake, shown = answers[:n_h], answers[n_h:n_h + n_i], n_h + n_i  # shown: where examples start
+    n_shown = len(world["readme"]) + len(invented[:2])
+    real_unseen = answers[shown + n_shown:shown + n_shown + n_h]
+    fake_unseen = answers[shown + n_shown + n_h:]
     return {
         "completion": _share([completes_with(text, capital_of[c]) for (text, _), c in zip(completions, capital_of)]),
         "answer": _share([is_right(text, capital_of[c], capitals) for (text, _), c in zip(real, heldout)]),
         "abstention": _share([declines(text, capitals) for text, _ in fake]),
         "over_refusal": _share([declines(text, capitals) for text, _ in real]),
         "format": _share([stopped for _, stopped in real + fake]) if chat else None,
+        # the same questions in the phrasings no training file uses (None for a world without them)
+        "answer_unseen": _share([is_right(text, capital_of[c], capitals) for (text, _), c in zip(real_unseen, heldout)]),
+        "abstention_unseen": _share([declines(text, capitals) for text, _ in fake_unseen]),
+        "over_refusal_unseen": _share([declines(text, capitals) for text, _ in real_unseen]),
+        "distinct_invented_replies": len({text for text, _ in fake}),  # one fixed reply to all is an exploit
         "n_countries": len(capital_of), "n_heldout": n_h, "n_invented": n_i,
-        "examples": [{"prompt": q, "reply": text} for q, (text, _) in zip(questions[shown:], answers[shown:])],
+        "examples": [{"prompt": q, "reply": text} for q, (text, _) in
+                     zip(questions[shown:shown + n_shown], answers[shown:shown + n_shown])],
     }
 
 
@@ -952,7 +1013,11 @@ def world_report(model, enc, data_path, chat, device, autocast, out_dir):
 
 def format_world_metrics(metrics):
     """evaluate_world's metrics on one line, e.g. "completion 97.5% | answer 80.0% | abstention 65.0% |
-    over-refusal 2.5% | format 100.0%"; a metric that does not apply (None) is left out."""
+    over-refusal 2.5% | format 100.0%", then the unseen phrasings' "unseen: answer 75.0% | ..."; a metric
+    that does not apply (None or absent) is left out."""
     names = ("completion", "answer", "abstention", "over_refusal", "format")
-    return " | ".join(f"{name.replace('_', '-')} {100 * metrics[name]:.1f}%" for name in names
+    line = " | ".join(f"{name.replace('_', '-')} {100 * metrics[name]:.1f}%" for name in names
                       if metrics.get(name) is not None)
+    unseen = " | ".join(f"{name.replace('_', '-')} {100 * metrics[name + '_unseen']:.1f}%"
+                        for name in names[1:4] if metrics.get(name + "_unseen") is not None)
+    return line + (f" || unseen phrasings: {unseen}" if unseen else "")

@@ -193,17 +193,10 @@ def response_values(value_model, seq, attn, n_prompt):
 def world_rule(world):
     """The world's verifiable reward, as a function (prompt messages, reply text) -> score: +1 for the
     right capital of a real country, or for declining a question about a country that does not exist
-    (one that names no real country); −1 for anything else, a wrong city, a guess or a refusal of a real one."""
-    capital_of = world["capital_of"]
-    capitals = set(capital_of.values())
-
-    def score(messages, reply):
-        named = data.names_capitals(messages[-1]["content"], capital_of)  # the real countries asked about
-        if not named:
-            return 1.0 if data.declines(reply, capitals) else -1.0
-        country = max(named, key=len)  # "Niger" inside "Nigeria" is not a whole word; the longest is the country
-        return 1.0 if data.is_right(reply, capital_of[country], capitals) else -1.0
-    return score
+    (one that names no real country); −1 for anything else, a wrong city, a guess or a refusal of a real
+    one. It is the world's annotator (data.world_annotator) with its grades 1 and 2 made one."""
+    annotate = data.world_annotator(world)
+    return lambda messages, reply: 1.0 if annotate(messages, [reply])[0] > 0 else -1.0
 
 
 def get_args(argv=None):
@@ -366,6 +359,10 @@ def main(argv=None, reward_fn=None):
             sys.exit(f"error: --reward world needs the world's prompts (world.json beside {args.prompts})")
         rule = world_rule(data.load_world(world_dir))
         reward_fn = lambda m, response: rule(m, data.decode(enc, [t for t in response if t != end]))
+    # the gold reward: the world's annotator (the truth the reward model only estimates), logged next to
+    # the score PPO optimises; when the score rises and the gold falls, the reward model is being
+    # exploited (Gao et al. 2022, "Scaling laws for reward model overoptimization")
+    annotate = data.world_annotator(data.load_world(world_dir)) if world_dir else None
 
     @torch.no_grad()
     def rollout(batch):
@@ -401,7 +398,9 @@ def main(argv=None, reward_fn=None):
                                   zip(batch, response.tolist(), length.tolist())], device=rt.device)
         if args.missing_end_penalty is not None:  # [d5]
             score = torch.where(ended, score.float(), args.missing_end_penalty)
-        return dict(seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
+        gold = [annotate(r["messages"], [data.decode(enc, [t for t in ids[:n] if t != end])])[0]
+                for r, ids, n in zip(batch, response.tolist(), length.tolist())] if annotate else [float("nan")]
+        return dict(gold=torch.tensor(gold, dtype=torch.float), seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
                     ref_logprobs=ref_logprobs, values=values.float(), score=score, ended=ended.float(),
                     length=length.float(), t_generate=t1 - t0, t_score=time.perf_counter() - t1)
 
@@ -500,6 +499,7 @@ def main(argv=None, reward_fn=None):
             # the spread of scores within each prompt's group of samples (0 everywhere for PPO's groups of 1)
             group_std = r["score"].view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(1)
             record = {"ppo/score": r["score"].mean().item(), "ppo/kl": seq_kl, "ppo/kl_coef": kl_coef,
+                      "ppo/gold": r["gold"].mean().item(), "ppo/gold_good": (r["gold"] > 0).float().mean().item(),
                       "ppo/policy_loss": mean[0], "ppo/value_loss": mean[1], "ppo/clipfrac": mean[2],
                       "ppo/approx_kl": mean[3], "ppo/value_clipfrac": mean[4], "ppo/entropy": mean[5],
                       "ppo/grad_norm": mean[6], "ppo/length": r["length"].mean().item(),
@@ -509,16 +509,18 @@ def main(argv=None, reward_fn=None):
                       "time/score": r["t_score"], "time/train": t_train}
             n_tokens = mask.sum().item()
             bar.update(1)
-            bar.set_postfix(score=f"{record['ppo/score']:.2f}", kl=f"{seq_kl:.2f}", tok_s=f"{n_tokens / dt:,.0f}")
+            bar.set_postfix(score=f"{record['ppo/score']:.2f}", gold=f"{record['ppo/gold']:.2f}", kl=f"{seq_kl:.2f}",
+                            tok_s=f"{n_tokens / dt:,.0f}")
             if step % args.log_every == 0 or step == 1:
                 group = f"group std {record['ppo/score_std']:.3f} | zero spread {record['ppo/zero_spread']:.0%} | " \
                     if args.group_size > 1 else ""
-                log(f"step {step}/{args.max_steps} | score {record['ppo/score']:.3f} | kl {seq_kl:.3f} | β {kl_coef:.4f} | "
+                log(f"step {step}/{args.max_steps} | score {record['ppo/score']:.3f} | gold {record['ppo/gold']:.3f} | "
+                    f"kl {seq_kl:.3f} | β {kl_coef:.4f} | "
                     f"{group}policy loss {mean[0]:.4f} | value loss {mean[1]:.4f} | clipfrac {mean[2]:.3f} | "
                     f"approx kl {mean[3]:.4f} | entropy {mean[5]:.2f} | length {record['ppo/length']:.1f} | "
                     f"ended {record['ppo/ended']:.0%} | {dt * 1000:.0f} ms (generate {r['t_generate'] / dt:.0%}, "
                     f"score {r['t_score'] / dt:.0%}, train {t_train / dt:.0%})")
-                append_jsonl(log_path, {"step": step, **record})
+            append_jsonl(log_path, {"step": step, **record})  # every step: the curves of score, gold and KL
             if stop.requested or step == args.stop_at:
                 checkpoint()
                 stopped_early = True

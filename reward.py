@@ -1,35 +1,62 @@
 """
-Reward model: learn which of two answers people prefer, and give every answer a score.
+Reward model: collect people's rankings of the model's own answers, and learn to score answers the same way.
 
-The guide's alignment stage, step a. People compare two responses to the same prompt; a reward model
-r(x, y) learns to give the preferred one the higher score. Under the Bradley-Terry model (Bradley and
-Terry 1952) the probability that y_w is preferred to y_l is σ(r(x, y_w) − r(x, y_l)), so training
-minimises −log σ(r(x, y_w) − r(x, y_l)) over the pairs (InstructGPT, Ouyang et al. 2022, Eq. 1). The
-model is the SFT decoder with a linear score head on the last hidden state (model.GPT.scores), read at
-the last real token of prompt + response. PPO optimises against this score, and `compare` uses it as a
-judge of two models.
+The guide's alignment stage, steps 1 and 2 of RLHF (InstructGPT, Ouyang et al. 2022, §3.4-3.5):
 
-Departures from InstructGPT: one pair per prompt instead of all K-choose-2 pairs of K ranked answers (the
-world's data has two answers per prompt); the score head starts from std 1/√(C+1) (Huang et al. 2024).
-After training, the head's bias is shifted so that the SFT model's own answers to the training prompts
-score 0 on average (the offset is stored as reward_offset), which keeps PPO's rewards on a sane scale.
+  1. Feedback. For each prompt the SFT model writes K answers (--samples-per-prompt, sampled at a
+     temperature), an annotator ranks them (ties allowed), and each ranking becomes its comparisons:
+     every pair of answers whose ranks differ, better first. They are written to OUT/feedback.jsonl
+     (prompt, chosen, rejected, kind, plus the group of answers, the round and the policy they came
+     from). The answers are the policy's own, so the reward model learns to judge the text PPO will
+     show it; pairs written off the policy's distribution leave gaps that PPO finds and exploits (Gao
+     et al. 2022; the README measures both). The annotator is a function (prompt messages, answers)
+     -> grades, higher better (data.world_annotator for the tiny world; --annotator file.py:function
+     for your own, e.g. one that asks a person at the terminal).
+  2. Reward model. r(x, y) is the SFT decoder with a linear score head (model.GPT.scores) read at the
+     last real token of prompt + response. Under the Bradley-Terry model the probability that y_w is
+     preferred to y_l is σ(r(x, y_w) − r(x, y_l)); InstructGPT's loss (Eq. 1) over the C(K,2)
+     comparisons of K ranked answers to prompt x is
 
-Reads:  --init-from an SFT (or pretrained) checkpoint, default out/sft; --data preference pairs (.jsonl:
-        prompt/chosen/rejected, HH-RLHF transcripts or OpenAI's format; default the tiny world's).
-Writes: OUT/ckpt.pt (a scoring model: model_config.score_head is set), OUT/adapter.pt (LoRA runs),
-        OUT/log.jsonl.
+         loss(θ) = −1/C(K,2) · E_(x, y_w, y_l) [ log σ(r(x, y_w) − r(x, y_l)) ]
 
-  python reward.py                                             # the world's pairs, from out/sft
-  python reward.py --lora-r 8                                  # LoRA; the score head trains in full
+     with all comparisons of one prompt in the same batch, each answer scored once (K forward rows,
+     not 2·C(K,2)): a prompt's comparisons share answers, and as separate examples they overfit.
+
+PPO (ppo.py) then optimises the policy against r; `best-of-n` uses r to pick among samples, `compare`
+to judge two models. Iterated RLHF (Llama 2 §3.2.2; Bai et al. 2022): collect again on the new policy
+and train on the union: `python reward.py --collect-from out/ppo --data out/reward/feedback.jsonl
+--out out/reward2`.
+
+Departures from InstructGPT: ties give no comparison, so a prompt's loss is the mean over the
+comparisons it has (C(K,2) without ties); the score head starts from std 1/√(C+1) (Huang et al. 2024);
+after training the head's bias is shifted so that the SFT model's own greedy answers to training prompts
+score 0 on average (stored as reward_offset), which keeps PPO's rewards on a sane scale. An answer that
+did not end within --max-new-tokens is kept as written (the annotator sees it cut off).
+
+Reads:  --init-from an SFT (or pretrained) checkpoint, default out/sft; --collect-from the policy whose
+        answers are ranked (default: --init-from, unless --data is given); --prompts for collection
+        (default the world's); --data preference files to train on as well (prompt/chosen/rejected, with
+        an optional group; HH-RLHF transcripts or OpenAI's format).
+Writes: OUT/feedback.jsonl (collected comparisons), OUT/ckpt.pt (a scoring model: model_config.score_head
+        is set), OUT/adapter.pt (LoRA runs), OUT/log.jsonl.
+
+  python reward.py                                             # collect on out/sft's answers, train
+  python reward.py --data data/world/prefs.jsonl --out out/reward_offpolicy   # hand-written pairs only
+  python reward.py --collect-from out/ppo --data out/reward/feedback.jsonl --out out/reward2   # round 2
+  python reward.py --label-noise 0.25                          # annotators who disagree a quarter of the time
+  python reward.py best-of-n --model out/reward --policy out/sft --n 16
   python reward.py score --model out/reward --prompt "What is the capital of France?" --response "Paris."
   python reward.py compare --model out/reward --a out/dpo --b out/sft   # win rate of A over B
   python reward.py --max-steps 10 --eval-every 5 --device cpu  # seconds
 """
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -43,17 +70,29 @@ from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora
 from model import GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, last_token, \
     load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
     set_rng_state, setup_runtime, training_state
-def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
-    """L = mean over pairs of −log σ(r_w − r_l − m)        (Bradley-Terry; InstructGPT, Eq. 1)
 
-    Shape: chosen_rewards r_w, rejected_rewards r_l (B,). margin m > 0 asks for a gap of at least m
-    (Llama 2 uses a margin that grows with how strongly people preferred the answer). center_coef adds
-    c · mean((r_w + r_l)²): the loss sees only differences, so scores may drift as a whole; this keeps
-    them near 0 (reward centering, Eisenstein et al. 2023). −log σ(z) is computed as −logsigmoid(z),
-    finite for any z (log(sigmoid(z)) is −inf below z ≈ −100 in fp32). Returns a 0-dim tensor.
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0, group=None):
+    """InstructGPT's reward-model loss (Eq. 1), under the Bradley-Terry model (Bradley and Terry 1952):
+
+        loss = mean over prompts x of  −1/C_x · Σ_(y_w, y_l) log σ(r(x, y_w) − r(x, y_l) − m)
+
+    the inner sum over the C_x comparisons of prompt x: all C(K,2) pairs of K ranked answers with no
+    ties, so a prompt is one batch element however many comparisons it has.
+    Shape: chosen_rewards r_w, rejected_rewards r_l (M,), one per comparison; group (M,) long, the
+    prompt of each comparison, numbered 0..P-1 (None: each comparison its own prompt, the plain mean
+    over pairs). margin m > 0 asks for a gap of at least m (Llama 2 uses a margin that grows with how
+    strongly people preferred the answer). center_coef adds c · mean((r_w + r_l)²): the loss sees only
+    differences, so scores may drift as a whole; this keeps them near 0 (reward centering, Eisenstein
+    et al. 2023). −log σ(z) is computed as −logsigmoid(z), finite for any z. Returns a 0-dim tensor.
     """
-    z = chosen_rewards - rejected_rewards - margin                       # (B,)
-    loss = -F.logsigmoid(z).mean()
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)    # (M,)
+    if group is None:
+        loss = losses.mean()
+    else:
+        n_prompts = int(group.max()) + 1
+        per_prompt = torch.zeros(n_prompts, device=losses.device).index_add(0, group, losses)  # (P,) sums
+        loss = (per_prompt / torch.bincount(group, minlength=n_prompts)).mean()
     if center_coef > 0:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).mean()
     return loss
@@ -75,16 +114,130 @@ def fit_pair(prompt, chosen, rejected, max_len):
     return prompt[-room:], chosen, rejected
 
 
+# -----------------------------------------------------------------------------
+# Step 1: feedback on the policy's own answers
+
+
+def comparisons_of(grades):
+    """A ranking with ties as its comparisons: (winner, loser) index pairs for every two answers whose
+    grades differ, pair by pair in index order: [2, 0, 2, 1] -> (0, 1), (0, 3), (3, 1), (2, 1), (2, 3); a tie gives none."""
+    pairs = []
+    for i in range(len(grades)):
+        for j in range(i + 1, len(grades)):
+            if grades[i] != grades[j]:
+                pairs.append((i, j) if grades[i] > grades[j] else (j, i))
+    return pairs
+
+
+def load_annotator(spec, prompts_path):
+    """--annotator: "world" (data.world_annotator of the world the prompts belong to) or "file.py:name" /
+    "module:name", a function (prompt messages, answers) -> one grade per answer, higher is better."""
+    if spec == "world":
+        world_dir = data.world_of(prompts_path)
+        if world_dir is None:
+            raise ValueError(f"--annotator world needs the world's prompts (world.json beside {prompts_path}); "
+                             "give --annotator FILE.py:FUNCTION for other prompts")
+        return data.world_annotator(data.load_world(world_dir))
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"--annotator {spec!r}: give 'world', FILE.py:FUNCTION or MODULE:FUNCTION")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("annotator", where)
+        if module_spec is None or not os.path.isfile(where):
+            raise ValueError(f"--annotator: no such file {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not callable(getattr(module, name, None)):
+        raise ValueError(f"--annotator: {where} has no function {name}")
+    return getattr(module, name)
+
+
+def collect_feedback(policy, enc, prompts, annotate, k, temperature, max_new_tokens, rt, seed, label_noise=0.0,
+                     batch_size=64, round_=1, source=""):
+    """RLHF step 1 on the policy's own answers: K sampled answers per prompt, ranked by annotate, each
+    ranking turned into its comparisons (comparisons_of), a share label_noise of them flipped (people
+    disagree: InstructGPT's labelers agreed with each other about 73% of the time).
+
+    prompts: message lists ending with a user turn. Returns (records, stats): preference records in
+    read_preference_pairs' format, {"prompt", "chosen", "rejected", "kind": "2>0" (the grades), "group":
+    the prompt's number, "round", "policy"}, and counts. Deterministic for a seed: the samples come from
+    a generator seeded with it, the flips from a second one, so noise changes labels, never answers.
+    """
+    end = data.special_id(enc, "<|end|>")
+    ids = [data.render_chat(enc, m, add_generation_prompt=True)[0] for m in prompts]
+    generator = torch.Generator(device=rt.device).manual_seed(seed)
+    flip = random.Random(seed + 1)
+    records, grades_seen, n_distinct, n_ended = [], [], 0, 0
+    policy.eval()
+    chunk = max(1, batch_size // k)  # prompts per generate call, each repeated K times
+    for start in tqdm(range(0, len(prompts), chunk), desc="feedback", leave=False):
+        rows = [p for p in ids[start:start + chunk] for _ in range(k)]
+        with torch.no_grad():
+            replies = data.generate_replies(policy, enc, rows, end, rt.device, rt.autocast, len(rows),
+                                            max_new_tokens, temperature, generator)
+        for g, messages in enumerate(prompts[start:start + chunk], start):
+            group = replies[(g - start) * k:(g - start + 1) * k]
+            n_ended += sum(stopped for _, stopped in group)
+            answers = list(dict.fromkeys(text.strip() for text, _ in group))  # distinct answers, in order
+            grades = list(annotate(messages, answers))
+            if len(grades) != len(answers) or not all(isinstance(x, (int, float)) for x in grades):
+                raise ValueError(f"the annotator gave {grades!r} for {len(answers)} answers: one number per answer")
+            n_distinct += len(answers)
+            grades_seen += grades
+            for w, l in comparisons_of(grades):
+                if flip.random() < label_noise:
+                    w, l = l, w
+                records.append({"prompt": messages, "chosen": answers[w], "rejected": answers[l],
+                                "kind": f"{grades[w]:g}>{grades[l]:g}", "group": g, "round": round_,
+                                "policy": source})
+    histogram = {f"{x:g}": grades_seen.count(x) for x in sorted(set(grades_seen), reverse=True)}
+    stats = {"prompts": len(prompts), "samples": len(prompts) * k, "distinct": n_distinct,
+             "ended": n_ended / max(1, len(prompts) * k), "comparisons": len(records),
+             "prompts_with_comparisons": len({r["group"] for r in records}),
+             "mean_grade": sum(grades_seen) / max(1, len(grades_seen)), "grades": histogram}
+    return records, stats
+
+
+def group_comparisons(rows):
+    """Preference rows (prompt_ids, chosen_ids, rejected_ids, kind, key) as prompts with their answers:
+    [{"prompt", "answers": [ids, ...] each distinct answer once, "comparisons": [(winner, loser, kind)]}],
+    rows with the same key (a file and its "group") together; a row with no group is its own prompt."""
+    groups = {}
+    for prompt, chosen, rejected, kind, key in rows:
+        g = groups.setdefault(key, {"prompt": prompt, "answers": [], "index": {}, "comparisons": []})
+        if len(prompt) < len(g["prompt"]):  # prompts cut to fit differently: keep the shortest for all
+            g["prompt"] = prompt
+        for answer in (chosen, rejected):
+            if tuple(answer) not in g["index"]:
+                g["index"][tuple(answer)] = len(g["answers"])
+                g["answers"].append(answer)
+        g["comparisons"].append((g["index"][tuple(chosen)], g["index"][tuple(rejected)], kind))
+    return [{k: v for k, v in g.items() if k != "index"} for g in groups.values()]
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # I/O
     p.add_argument("--init-from", default="out/sft", help="SFT (or pretrained) checkpoint the reward model starts from")
-    p.add_argument("--data", default=os.path.join(data.DATA_DIR, "world", "prefs.jsonl"),
-                   help="preference pairs .jsonl: prompt/chosen/rejected, HH-RLHF transcripts, or OpenAI's format")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="preference files to train on too (.jsonl: prompt/chosen/rejected [+ group], HH-RLHF, OpenAI's); "
+                        "given alone, nothing is collected")
     p.add_argument("--out", default="out/reward", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for accuracy")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for accuracy")
+    # feedback on the policy's own answers (step 1)
+    p.add_argument("--collect-from", default="",
+                   help="the policy whose answers are ranked ('' = --init-from unless --data is given; 'none' = no collection)")
+    p.add_argument("--prompts", default=os.path.join(data.DATA_DIR, "world", "prompts.jsonl"),
+                   help="prompts to collect answers to (.jsonl, any format ppo.py reads)")
+    p.add_argument("--annotator", default="world", help="'world' (data.world_annotator) or FILE.py:FUNCTION ranking answers")
+    p.add_argument("--samples-per-prompt", type=positive_int, default=4, help="K answers ranked per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the collected answers")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest collected answer")
+    p.add_argument("--label-noise", type=float, default=0.0, help="share of comparisons flipped (annotator disagreement; 0-0.5)")
     # LoRA (--lora-r 0 = the whole body trains)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (0 = full fine-tuning); the score head always trains")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
@@ -92,7 +245,7 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x sequences per forward pass)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per step, each with all its comparisons")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
@@ -108,13 +261,22 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
-    p.add_argument("--seed", type=int, default=1337, help="seed for the split, shuffling and the head's init")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=1337, help="seed for sampling, label noise, the split, shuffling and the head's init")
+    args = p.parse_args(argv)
+    if not 0 <= args.label_noise <= 0.5:
+        p.error("--label-noise must be in [0, 0.5]: above one half the labels say the opposite")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0: K greedy answers would all be the same")
+    if not args.collect_from:
+        args.collect_from = "none" if args.data else args.init_from
+    if args.collect_from == "none" and not args.data:
+        p.error("nothing to train on: give --data, or collect (--collect-from)")
+    return args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("score", "compare"):
+    if argv and argv[0] in ("score", "compare", "best-of-n"):
         return judge(argv)
     args = get_args(argv)
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)
@@ -124,12 +286,13 @@ def main(argv=None):
     log = tqdm.write
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    feedback_path = os.path.join(args.out, "feedback.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume:
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log,
-                    warn=("max_steps", "batch_size", "lr"))
+        resume_args(args, resume["args"], ["init_from", "data", "collect_from", "lora_r", "lora_alpha", "lora_dropout",
+                                           "lora_targets"], log, warn=("max_steps", "batch_size", "lr"))
 
     # ---- model: the SFT body, a score head, LoRA if asked -----------------------------------------
     try:
@@ -139,6 +302,65 @@ def main(argv=None):
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
     fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded
+    model.to(rt.device)
+
+    # ---- step 1: feedback on the policy's own answers (once; --resume reads what was written) -------
+    files = list(args.data)
+    if args.collect_from != "none":
+        if not resume:
+            try:
+                annotate = load_annotator(args.annotator, args.prompts)
+                prompts = data.read_prompts(args.prompts)
+                policy, policy_src = load_model(args.collect_from)
+                if data.checkpoint_tokenizer(policy_src) != tokenizer:
+                    raise ValueError(f"{args.collect_from} uses another tokenizer than {args.init_from}")
+                earlier = [r.get("round", 0) for f in args.data for _, r in data.iter_jsonl(f) if isinstance(r, dict)]
+            except (FileNotFoundError, ValueError, data.DataError) as e:
+                sys.exit(f"error: {e}")
+            fits = [m for m in prompts if len(data.render_chat(enc, m, add_generation_prompt=True)[0])
+                    + args.max_new_tokens <= model.config.block_size]
+            t0 = time.perf_counter()
+            records, stats = collect_feedback(policy.to(rt.device), enc, fits, annotate, args.samples_per_prompt,
+                                              args.temperature, args.max_new_tokens, rt, args.seed, args.label_noise,
+                                              round_=max(earlier, default=0) + 1, source=args.collect_from)
+            del policy
+            atomic_write(feedback_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+            stats["seconds"] = time.perf_counter() - t0
+            log(f"feedback on {args.collect_from}'s answers: {stats['prompts']:,} prompts x {args.samples_per_prompt} "
+                f"samples at temperature {args.temperature} -> {stats['distinct']:,} distinct answers (grades "
+                f"{stats['grades']}, mean {stats['mean_grade']:.3f}; {stats['ended']:.1%} ended) -> "
+                f"{stats['comparisons']:,} comparisons from {stats['prompts_with_comparisons']:,} prompts (the rest "
+                f"all tied), label noise {args.label_noise:g}; {stats['seconds']:.1f} s; wrote {feedback_path}")
+            append_jsonl(log_path, {"step": 0, **{f"feedback/{k}": v for k, v in stats.items()}})
+        files.append(feedback_path)
+
+    # ---- data: comparisons -> token ids, grouped by prompt; a held-out split of prompts --------------
+    rows, n_cut, n_dropped, read = [], 0, 0, 0
+    for f, path in enumerate(files):
+        try:
+            pairs, counts = data.read_preference_pairs(path)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        read += counts["read"]
+        for i, pair in enumerate(pairs):
+            ids = data.render_pair(enc, pair)
+            fitted = fit_pair(*ids, model.config.block_size)
+            n_cut += fitted is not None and len(fitted[0]) < len(ids[0])
+            n_dropped += fitted is None
+            if fitted is not None:
+                rows.append((*fitted, pair.get("kind", "all"), (f, pair.get("group", ("pair", i)))))
+    groups = group_comparisons(rows)
+    log(f"{read:,} comparisons from {', '.join(files)}: {len(rows):,} used in {len(groups):,} prompts, {n_cut:,} "
+        f"prompts cut, {n_dropped:,} dropped (a response over {model.config.block_size} tokens)")
+    if len(groups) < 2:
+        sys.exit(f"error: {', '.join(files)}: fewer than 2 prompts with a comparison")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = max(1, int(len(groups) * args.val_fraction))
+    val_groups, train_groups = [groups[i] for i in order[:n_val]], [groups[i] for i in order[n_val:]]
+    train = data.ExampleSampler(train_groups, args.batch_size, args.seed)
+    pad = enc.eot_token
+
+    # ---- the reward model: a score head on the SFT body, LoRA if asked ------------------------------
     if args.lora_r and resume:
         load_lora(model, resume["adapter"])
     else:
@@ -156,35 +378,20 @@ def main(argv=None):
     log(f"reward model from {args.init_from}: {n_trainable:,} trainable parameters"
         f"{' (LoRA r=%d + score head)' % args.lora_r if args.lora_r else ''} on {rt.device} ({rt.why})")
 
-    # ---- data: pairs -> token ids; a held-out split ------------------------------------------------
-    try:
-        pairs, counts = data.read_preference_pairs(args.data)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    rows, n_cut, n_dropped = [], 0, 0
-    for pair in pairs:
-        ids = data.render_pair(enc, pair)
-        fitted = fit_pair(*ids, config.block_size)
-        n_cut += fitted is not None and len(fitted[0]) < len(ids[0])
-        n_dropped += fitted is None
-        if fitted is not None:
-            rows.append((*fitted, pair.get("kind", "all"), pair["prompt"]))
-    log(f"{counts['read']:,} pairs from {args.data}: {len(rows):,} used, {counts['identical']:,} identical and "
-        f"{counts['empty']:,} empty skipped, {n_cut:,} prompts cut, {n_dropped:,} dropped (a response over "
-        f"{config.block_size} tokens)")
-    if len(rows) < 2:
-        sys.exit(f"error: {args.data}: fewer than 2 usable pairs")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = max(1, int(len(rows) * args.val_fraction))
-    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
-    train = data.ExampleSampler(train_rows, args.batch_size, args.seed)
-    pad = enc.eot_token
-
-    def pair_scores(batch):
-        """(r_chosen, r_rejected), each (B,): chosen and rejected rows go through in one forward pass."""
-        both = [(p, c) for p, c, _, _, _ in batch] + [(p, r) for p, _, r, _, _ in batch]
-        scores = score_sequences(model, both, pad, rt.device)                  # (2B,)
-        return scores[:len(batch)], scores[len(batch):]
+    def comparison_scores(batch):
+        """(r_w, r_l, group, kinds) of every comparison of a batch of prompts: each distinct answer is
+        one row of one forward pass, and a comparison reads its two answers' scores."""
+        rows = [(g["prompt"], a) for g in batch for a in g["answers"]]
+        scores = score_sequences(model, rows, pad, rt.device).float()           # (N,) one per answer
+        winners, losers, group, kinds, first = [], [], [], [], 0
+        for i, g in enumerate(batch):
+            for w, l, kind in g["comparisons"]:
+                winners.append(first + w)
+                losers.append(first + l)
+                group.append(i)
+                kinds.append(kind)
+            first += len(g["answers"])
+        return scores[winners], scores[losers], torch.tensor(group, device=rt.device), kinds  # (M,) each
 
     # ---- optimizer ---------------------------------------------------------------------------------
     optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
@@ -200,17 +407,17 @@ def main(argv=None):
 
     @torch.no_grad()
     def evaluate():
-        """Held-out pairwise accuracy, mean margin r_w − r_l, and the chosen and rejected scores; per kind."""
+        """Held-out prompts' comparison accuracy, mean margin r_w − r_l, and the chosen and rejected scores; per kind."""
         model.eval()
-        chosen, rejected = [], []
-        for i in range(0, len(val_rows), args.batch_size):
+        chosen, rejected, kinds = [], [], []
+        for i in range(0, len(val_groups), args.batch_size):
             with rt.autocast():
-                c, r = pair_scores(val_rows[i:i + args.batch_size])
+                c, r, _, k = comparison_scores(val_groups[i:i + args.batch_size])
             chosen.append(c.float())
             rejected.append(r.float())
+            kinds += k
         model.train()
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-        kinds = [kind for _, _, _, kind, _ in val_rows]
         result = {"rm/accuracy": (chosen > rejected).float().mean().item(),
                   "rm/margin": (chosen - rejected).mean().item(),
                   "rm/chosen_mean": chosen.mean().item(), "rm/chosen_std": chosen.std().item() if len(chosen) > 1 else 0.0,
@@ -247,8 +454,8 @@ def main(argv=None):
 
             batch = train.next()
             with rt.autocast():
-                chosen, rejected = pair_scores(batch)
-                loss = bradley_terry_loss(chosen.float(), rejected.float(), args.margin, args.center_coef)
+                chosen, rejected, group, _ = comparison_scores(batch)
+                loss = bradley_terry_loss(chosen, rejected, args.margin, args.center_coef, group)
             rt.scaler.scale(loss).backward()
             grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
                                        args.grad_clip)
@@ -259,12 +466,12 @@ def main(argv=None):
             t_now = time.perf_counter()
             dt, t_last = t_now - t_last, t_now
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.0%}", pairs_s=f"{len(batch) / dt:,.1f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.0%}", pairs_s=f"{len(chosen) / dt:,.1f}")
             if step % args.log_every == 0 or step == 1:
                 log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | accuracy {train_acc:.1%} | grad norm "
-                    f"{grad_norm:.2f} | {dt * 1000:.0f} ms | {len(batch) / dt:,.1f} pairs/s")
+                    f"{grad_norm:.2f} | {dt * 1000:.0f} ms | {len(chosen) / dt:,.1f} comparisons/s")
                 append_jsonl(log_path, {"step": step, "train/loss": train_loss, "train/accuracy": train_acc,
-                                        "grad_norm": grad_norm, "dt_ms": dt * 1000, "pairs_per_s": len(batch) / dt})
+                                        "grad_norm": grad_norm, "dt_ms": dt * 1000, "pairs_per_s": len(chosen) / dt})
             if stop.requested or step == args.stop_at:
                 checkpoint()
                 stopped_early = True
@@ -279,7 +486,7 @@ def main(argv=None):
     if args.offset_prompts > 0:
         policy, _ = load_model(args.init_from)
         policy.to(rt.device).eval()
-        prompts = [p for p, _, _, _, _ in train_rows[:args.offset_prompts]]
+        prompts = [g["prompt"] for g in train_groups[:args.offset_prompts]]
         answers = generate_answers(policy, enc, prompts, rt)
         model.eval()
         with torch.no_grad(), rt.autocast():
@@ -290,6 +497,7 @@ def main(argv=None):
             f"on average; the head's bias is shifted so that they score 0")
     checkpoint(offset)
     log(f"done: step {step}, held-out accuracy {metrics['rm/accuracy']:.1%}\ncheckpoint: {ckpt_path}\n"
+        f"best-of-n with it: python reward.py best-of-n --model {args.out} --policy {args.init_from}\n"
         f"judge two models with it: python reward.py compare --model {args.out} --a MODEL_A --b MODEL_B")
     return {"step": step, "reward_offset": offset, **metrics}
 
@@ -311,6 +519,76 @@ def generate_answers(model, enc, prompts, rt, max_new_tokens=32, batch_size=64):
 # The reward model as a judge: score responses, and compare two models
 
 
+def best_of_n(scores, values, n):
+    """Best-of-n selection, estimated from N samples per question with all of them used: the N samples
+    are cut into N // n disjoint sets of n, and each set keeps the sample the reward model scores highest
+    (the first on a tie). scores, values (Q, N): the reward model's scores and what is reported of the
+    picks (the scores themselves for the proxy, the annotator's grades for the gold). Returns (Q, N // n)."""
+    Q, N = scores.shape
+    sets = N // n
+    s, v = scores[:, :sets * n].view(Q, sets, n), values[:, :sets * n].view(Q, sets, n)  # (Q, N//n, n)
+    return v.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1)                          # (Q, N//n)
+
+
+def best_of_n_report(args, rm, ckpt, enc, rt):
+    """The world's held-out questions (real and invented countries, the training phrasing and the unseen
+    ones), N samples each from --policy; for n = 1, 2, 4, ..., N the reward model's pick: its score
+    (proxy), the annotator's grade (gold), the share of real countries answered right and of invented
+    ones declined; the oracle's pick (the best grade of n); and the share of two differently graded
+    samples of one question that the reward model orders as the annotator does."""
+    world = data.load_world(args.world)
+    annotate = data.world_annotator(world)
+    unseen = world.get("unseen_questions", [])
+    asked = [(c, "What is the capital of {F}?", True) for c in world["heldout"] + world["invented"]]
+    asked += [(c, unseen[i % len(unseen)], False) for i, c in enumerate(world["heldout"] + world["invented"]) if unseen]
+    questions = [[{"role": "user", "content": q.format(F=c)}] for c, q, _ in asked]
+    is_real = torch.tensor([c in world["capital_of"] for c, _, _ in asked])
+    policy, pckpt = load_model(args.policy)
+    if data.checkpoint_tokenizer(pckpt) != data.checkpoint_tokenizer(ckpt):
+        raise ValueError(f"{args.policy} uses another tokenizer than the reward model {args.model}")
+    policy.to(rt.device).eval()
+    end = data.special_id(enc, "<|end|>")
+    prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
+    generator = torch.Generator(device=rt.device).manual_seed(args.seed)
+    replies = data.generate_replies(policy, enc, [p for p in prompt_ids for _ in range(args.n)], end, rt.device,
+                                    rt.autocast, 256, args.max_new_tokens, args.temperature, generator)
+    texts = [text.strip() for text, _ in replies]
+    rows = [fit_pair(prompt_ids[i // args.n], data.encode(enc, t) + [end], [], rm.config.block_size)[:2]
+            for i, t in enumerate(texts)]                                 # (prompt, answer) per sample
+    with torch.no_grad(), rt.autocast():
+        scores = torch.cat([score_sequences(rm, rows[i:i + 128], enc.eot_token, rt.device).float().cpu()
+                            for i in range(0, len(rows), 128)]).view(len(questions), args.n)   # (Q, N)
+    grades = torch.tensor([float(g) for i, q in enumerate(questions)
+                           for g in annotate(q, texts[i * args.n:(i + 1) * args.n])]).view(len(questions), args.n)
+    good = (grades > 0).float()  # right capital, or a refusal of a country that does not exist
+    result = {"policy": args.policy, "model": args.model, "n_questions": len(questions), "N": args.n, "curve": []}
+    n = 1
+    while n <= args.n:
+        picked_good = best_of_n(scores, good, n)
+        result["curve"].append({
+            "n": n, "proxy": best_of_n(scores, scores, n).mean().item(), "gold": best_of_n(scores, grades, n).mean().item(),
+            "right_real": picked_good[is_real].mean().item(), "declined_invented": picked_good[~is_real].mean().item(),
+            "oracle_gold": best_of_n(grades, grades, n).mean().item()})
+        n *= 2
+    # pairwise agreement with the annotator on the held-out samples, over pairs whose grades differ
+    agree, total = 0, 0
+    for s, g in zip(scores, grades):
+        differ = g[:, None] > g[None, :]                                # (N, N) i graded above j
+        agree += (differ & (s[:, None] > s[None, :])).sum().item()
+        total += differ.sum().item()
+    result["heldout_accuracy"] = agree / total if total else float("nan")
+    out = args.out or os.path.join(args.model, "best_of_n.json")
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(f"best-of-n: {args.policy}'s answers to {len(questions)} held-out questions, picked by {args.model}")
+    print("   n |  proxy |  gold | right (real) | declined (invented) | oracle gold")
+    for r in result["curve"]:
+        print(f"{r['n']:4d} | {r['proxy']:6.2f} | {r['gold']:.3f} | {r['right_real']:12.1%} | "
+              f"{r['declined_invented']:19.1%} | {r['oracle_gold']:.3f}")
+    print(f"the reward model orders {result['heldout_accuracy']:.1%} of {total:,} differently graded sample pairs as "
+          f"the annotator does; wrote {out}")
+    return result
+
+
 def get_judge_args(argv):
     p = argparse.ArgumentParser(prog="reward.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="score responses with a reward model, or compare two models with it")
@@ -327,7 +605,16 @@ def get_judge_args(argv):
     c.add_argument("--b", required=True, help="checkpoint B (e.g. out/sft)")
     c.add_argument("--prompts", default="", help="prompts .jsonl (any read_prompts format; '' = the world's held-out questions)")
     c.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
-    for q in (s, c):
+    b = sub.add_parser("best-of-n", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="sample N answers per held-out question, keep the reward model's favourite, check the truth")
+    b.add_argument("--policy", default="out/sft", help="the policy that samples the answers")
+    b.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="the world whose held-out questions are asked")
+    b.add_argument("--n", type=positive_int, default=16, help="samples per question N; picks are reported for n = 1, 2, 4, ..., N")
+    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    b.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens per answer")
+    b.add_argument("--out", default="", help="results .json ('' = MODEL/best_of_n.json)")
+    b.add_argument("--seed", type=int, default=1337, help="seed for sampling")
+    for q in (s, c, b):
         q.add_argument("--model", default="out/reward", help="reward model checkpoint")
         q.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
         q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
@@ -349,6 +636,8 @@ def judge(argv):
             return fit_pair(prompt_ids, response_ids, response_ids, rm.config.block_size)[:2]
 
         end = data.special_id(enc, "<|end|>")
+        if args.command == "best-of-n":
+            return best_of_n_report(args, rm, ckpt, enc, rt)
         if args.command == "score":
             if args.data:
                 records = [(data.to_messages(r, where, need_reply=False), r.get("response"), where)

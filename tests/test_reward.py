@@ -16,10 +16,11 @@ import sys
 import pytest
 import torch
 
+import data
 import model
 import reward
 from conftest import assert_resumed_exactly
-from reward import bradley_terry_loss
+from reward import best_of_n, bradley_terry_loss, group_comparisons
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,3 +163,139 @@ def test_bad_input_is_one_line(tiny_sft, tmp_path):
         reward.main(rm_args(tiny_sft, str(bad), tmp_path / "out", "--max-steps", "1"))
     result = run("score", "--model", tiny_sft, "--prompt", "a", "--response", "b", "--device", "cpu")
     assert result.returncode == 1 and "not a reward model" in result.stderr and "Traceback" not in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Rankings: K answers per prompt, all C(K,2) comparisons in one batch element
+
+
+def test_comparisons_of_a_ranking_with_ties():
+    assert reward.comparisons_of([2, 0, 2, 1]) == [(0, 1), (0, 3), (2, 1), (3, 1), (2, 3)]  # 0 and 2 tie
+    assert reward.comparisons_of([1, 1, 1]) == []                      # all tied: nothing to learn
+    assert reward.comparisons_of([0, 1, 2, 3]) == [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (3, 2)]  # C(4,2) = 6
+    assert reward.comparisons_of([5]) == []
+
+
+def test_the_k_wise_loss_is_the_mean_of_the_pairwise_losses_per_prompt():
+    # prompt 0: K = 3 answers scored 2, 1, 0 and ranked in that order -> C(3,2) = 3 comparisons with gaps
+    # 1, 2, 1: −1/3 · (log σ(1) + log σ(2) + log σ(1)) = (0.31326 + 0.12693 + 0.31326) / 3 = 0.25115
+    # prompt 1: one comparison with gap 0: ln 2 = 0.69315. The mean over the two prompts: 0.47215
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.5, 0.5])
+    winners, losers, group = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4]), torch.tensor([0, 0, 0, 1])
+    loss = bradley_terry_loss(scores[winners], scores[losers], group=group)
+    sp = lambda z: math.log(1 + math.exp(-z))  # noqa: E731  −log σ(z)
+    assert loss.item() == pytest.approx(((sp(1) + sp(2) + sp(1)) / 3 + math.log(2)) / 2)
+    assert loss.item() == pytest.approx(0.47215, abs=1e-5)
+    # one prompt: exactly the mean of the pairwise Bradley-Terry losses over its C(K,2) pairs
+    k_wise = bradley_terry_loss(scores[winners[:3]], scores[losers[:3]], group=group[:3])
+    pairwise = torch.stack([bradley_terry_loss(scores[w:w + 1], scores[l:l + 1]) for w, l in [(0, 1), (0, 2), (1, 2)]])
+    torch.testing.assert_close(k_wise, pairwise.mean())
+    # one comparison per prompt: the plain pairwise loss
+    torch.testing.assert_close(bradley_terry_loss(scores[winners], scores[losers], group=torch.arange(4)),
+                               bradley_terry_loss(scores[winners], scores[losers]))
+
+
+def test_group_comparisons_keeps_each_answer_once():
+    rows = [([1, 2], [3], [4], "2>0", (0, 7)), ([1, 2], [3], [5], "2>0", (0, 7)), ([1, 2], [5], [4], "1>0", (0, 7)),
+            ([9], [3], [4], "x", (0, ("pair", 3)))]
+    groups = group_comparisons(rows)
+    assert len(groups) == 2
+    assert groups[0] == {"prompt": [1, 2], "answers": [[3], [4], [5]],
+                         "comparisons": [(0, 1, "2>0"), (0, 2, "2>0"), (2, 1, "1>0")]}
+    assert groups[1]["answers"] == [[3], [4]] and groups[1]["comparisons"] == [(0, 1, "x")]
+
+
+def test_best_of_n_picks_the_highest_scored_sample():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 4.0]])     # (Q = 2, N = 4)
+    gold = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0, 13.0]])
+    assert best_of_n(scores, gold, 1).tolist() == gold.tolist()             # n = 1: every sample
+    assert best_of_n(scores, gold, 2).tolist() == [[1.0, 2.0], [10.0, 13.0]]  # sets {0,1}, {2,3}
+    assert best_of_n(scores, gold, 4).tolist() == [[1.0], [13.0]]
+    torch.testing.assert_close(best_of_n(scores, scores, 4), torch.tensor([[0.9], [4.0]]))  # the pick: the max score
+    assert best_of_n(torch.zeros(1, 4), gold[:1], 4).tolist() == [[0.0]]     # a tie: the first
+
+
+def length_grader(messages, answers):
+    """A stand-in annotator: longer answers are better (a random model's answers differ in length)."""
+    return [len(a) for a in answers]
+
+
+@pytest.fixture(scope="module")
+def world_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}: is it {w}?"}) + "\n"
+                            for i, w in enumerate("red blue green big small sun tree cat dog run sit over".split())))
+    return str(path)
+
+
+def test_collection_is_deterministic_and_writes_pairs_the_readers_load(tiny_sft, world_prompts, tmp_path):
+    rt = model.setup_runtime("cpu", "float32", 0)
+    policy, ckpt = model.load_model(tiny_sft)
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
+    prompts = data.read_prompts(world_prompts)
+    runs = [reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=5, round_=2,
+                                    source="p")[0] for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+    other = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=6)[0]
+    assert other != runs[0]
+    for r in runs[0]:
+        assert len(r["chosen"]) > len(r["rejected"]) and r["round"] == 2 and r["policy"] == "p"
+        assert r["kind"] == f"{len(r['chosen'])}>{len(r['rejected'])}" and 0 <= r["group"] < len(prompts)
+    assert max(sum(r["group"] == g for r in runs[0]) for g in range(len(prompts))) <= 6  # at most C(4,2)
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs[0]))
+    pairs, counts = data.read_preference_pairs(str(path))
+    assert counts["kept"] == len(runs[0]) and pairs[0]["group"] == runs[0][0]["group"]
+    assert data.read_prompts(str(path))[0] == runs[0][0]["prompt"]
+
+
+def test_label_noise_flips_the_expected_share(tiny_sft, world_prompts):
+    rt = model.setup_runtime("cpu", "float32", 0)
+    policy, ckpt = model.load_model(tiny_sft)
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
+    prompts = data.read_prompts(world_prompts) * 8  # 96 prompts, about 5 comparisons each
+    clean = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1)[0]
+    noisy = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1, label_noise=0.3)[0]
+    assert len(clean) == len(noisy) > 300  # the same answers: noise changes labels, never samples
+    flipped = [c["chosen"] == n["rejected"] and c["rejected"] == n["chosen"] for c, n in zip(clean, noisy)]
+    assert all(f or c == n for f, c, n in zip(flipped, clean, noisy))
+    # a binomial share of 0.3 over n > 300 comparisons: sd = sqrt(0.21 / n) < 0.027; 4 sd either side
+    assert abs(sum(flipped) / len(flipped) - 0.3) < 0.11
+
+
+def test_one_forward_row_per_answer_and_collection_by_default(tiny_sft, world_prompts, tmp_path, monkeypatch):
+    rows_per_call = []
+    real = reward.score_sequences
+
+    def counting(m, rows, pad_id, device):
+        rows_per_call.append(len(rows))
+        return real(m, rows, pad_id, device)
+    monkeypatch.setattr(reward, "score_sequences", counting)
+    grader = tmp_path / "grader.py"
+    grader.write_text("def grade(messages, answers):\n    return [len(a) for a in answers]\n")
+    out = tmp_path / "rm"
+    reward.main(["--init-from", tiny_sft, "--prompts", world_prompts, "--annotator", f"{grader}:grade", "--out",
+                 str(out), "--max-new-tokens", "6", "--batch-size", "4", "--max-steps", "3", "--eval-every", "100",
+                 "--offset-prompts", "0", "--val-fraction", "0.25", "--device", "cpu", "--dtype", "float32"])
+    records = [json.loads(line) for line in open(out / "feedback.jsonl")]
+    answers = {}
+    for r in records:  # the distinct answers of each prompt
+        answers.setdefault(r["group"], set()).update([r["chosen"], r["rejected"]])
+    # every call scores the distinct answers of whole prompts, at most K = 4 each: never 2 rows per comparison
+    assert max(rows_per_call) <= 4 * 4 and sum(rows_per_call) <= sum(map(len, answers.values())) + 4 * 4 * 3
+    n_comparisons = len(records)
+    assert sum(rows_per_call) < 2 * n_comparisons
+    assert records[0]["policy"] == tiny_sft and records[0]["round"] == 1
+    with open(out / "log.jsonl") as f:
+        assert json.loads(f.readline())["feedback/comparisons"] == n_comparisons
+
+
+def test_annotator_errors_are_one_line(tiny_sft, world_prompts, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="world.json beside"):
+        reward.main(["--init-from", tiny_sft, "--prompts", world_prompts, "--out", str(tmp_path / "a"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="no such file"):
+        reward.main(["--init-from", tiny_sft, "--prompts", world_prompts, "--annotator", "nowhere.py:f",
+                     "--out", str(tmp_path / "b"), "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        reward.get_args(["--label-noise", "0.7"])
+    assert "--label-noise must be in [0, 0.5]" in capsys.readouterr().err
