@@ -22,6 +22,7 @@ Writes: OUT/ckpt.pt (a chat model, as sft.py writes), OUT/adapter.pt (LoRA), OUT
 
   python dpo.py                                      # out/sft -> out/dpo on the world's pairs
   python dpo.py --lora-r 8 --ref lora                # LoRA; the reference is the model with adapters off
+  python dpo.py --data out/reward/feedback.jsonl --world data/world   # on the policy's own ranked answers
   python dpo.py --loss ipo --beta 0.5
   python dpo.py --max-steps 10 --eval-every 5 --device cpu   # seconds
 """
@@ -88,6 +89,7 @@ def get_args(argv=None):
     p.add_argument("--init-from", default="out/sft", help="the SFT checkpoint: the policy's start and the reference π_ref")
     p.add_argument("--data", default=os.path.join(data.DATA_DIR, "world", "prefs.jsonl"),
                    help="preference pairs .jsonl: prompt/chosen/rejected, HH-RLHF transcripts, or OpenAI's format")
+    p.add_argument("--world", default="", help="the world whose evaluation runs at the end ('' = the one --data belongs to, if any)")
     p.add_argument("--out", default="out/dpo", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for the metrics")
@@ -324,7 +326,7 @@ def main(argv=None):
         f"{first_val:.2f} -> {metrics['val/chosen_logp']:.2f}")
 
     # ---- the world's held-out evaluation (data.evaluate_world), when trained on the world -------
-    scores = data.world_report(model, enc, args.data, True, rt.device, rt.autocast, args.out)
+    scores = data.world_report(model, enc, args.world or args.data, True, rt.device, rt.autocast, args.out)
     if scores:
         log(f"world: {data.format_world_metrics(scores)}")
         metrics["world"] = scores

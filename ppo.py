@@ -225,8 +225,9 @@ def get_args(argv=None):
     p.add_argument("--missing-end-penalty", type=lambda v: None if v == "none" else float(v), default=-1.0,
                    help="the score of a response that never wrote <|end|> ('none' = keep its score) [d5]")
     # rewards and advantages
-    p.add_argument("--kl-coef", type=float, default=0.05,
-                   help="β: the KL penalty per token, in the reward (ppo; the start value if adaptive) or the loss (grpo/rloo, k3)")
+    p.add_argument("--kl-coef", type=float, default=0.2,
+                   help="β: the KL penalty per token, in the reward (ppo; the start value if adaptive) or the loss "
+                        "(grpo/rloo, k3); reward.py scales the SFT answers' scores to std 1, so β is in those units")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate [d7]")
     p.add_argument("--target-kl", type=float, default=0.0, help="adapt β towards this KL per response (0 = β fixed) [d12]")
     p.add_argument("--gamma", type=float, default=1.0, help="γ: discount over response tokens")

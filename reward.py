@@ -29,8 +29,9 @@ and train on the union: `python reward.py --collect-from out/ppo --data out/rewa
 
 Departures from InstructGPT: ties give no comparison, so a prompt's loss is the mean over the
 comparisons it has (C(K,2) without ties); the score head starts from std 1/√(C+1) (Huang et al. 2024);
-after training the head's bias is shifted so that the SFT model's own greedy answers to training prompts
-score 0 on average (stored as reward_offset), which keeps PPO's rewards on a sane scale. An answer that
+after training the head is rescaled so that the SFT model's own sampled answers to training prompts score
+mean 0 and std 1 (Ziegler et al. 2019; stored as reward_offset and reward_scale): PPO's KL coefficient β
+then means the same whatever scale training left the scores at. An answer that
 did not end within --max-new-tokens is kept as written (the annotator sees it cut off).
 
 Reads:  --init-from an SFT (or pretrained) checkpoint, default out/sft; --collect-from the policy whose
@@ -154,33 +155,41 @@ def load_annotator(spec, prompts_path):
     return getattr(module, name)
 
 
-def collect_feedback(policy, enc, prompts, annotate, k, temperature, max_new_tokens, rt, seed, label_noise=0.0,
-                     batch_size=64, round_=1, source=""):
-    """RLHF step 1 on the policy's own answers: K sampled answers per prompt, ranked by annotate, each
-    ranking turned into its comparisons (comparisons_of), a share label_noise of them flipped (people
-    disagree: InstructGPT's labelers agreed with each other about 73% of the time).
+def collect_feedback(policies, enc, prompts, annotate, k, temperature, max_new_tokens, rt, seed, label_noise=0.0,
+                     batch_size=64, round_=1):
+    """RLHF step 1 on the policies' own answers: K sampled answers per prompt from each policy, all of a
+    prompt's answers ranked together by annotate, the ranking turned into its comparisons (comparisons_of),
+    a share label_noise of them flipped (people disagree: InstructGPT's labelers agreed with each other
+    about 73% of the time). Answers of two policies side by side (the new policy's next to the old one's,
+    as Llama 2 §3.2.1 samples from two model variants) show the annotator what changed.
 
-    prompts: message lists ending with a user turn. Returns (records, stats): preference records in
-    read_preference_pairs' format, {"prompt", "chosen", "rejected", "kind": "2>0" (the grades), "group":
-    the prompt's number, "round", "policy"}, and counts. Deterministic for a seed: the samples come from
-    a generator seeded with it, the flips from a second one, so noise changes labels, never answers.
+    policies: [(name, model)]; prompts: message lists ending with a user turn. Returns (records, stats):
+    preference records in read_preference_pairs' format, {"prompt", "chosen", "rejected", "kind": "2>0" (the
+    grades), "group": the prompt's number, "round", "policy": [the chosen answer's, the rejected one's]},
+    and counts. Deterministic for a seed: the samples come from a generator seeded with it, the flips from
+    a second one, so noise changes labels, never answers.
     """
     end = data.special_id(enc, "<|end|>")
     ids = [data.render_chat(enc, m, add_generation_prompt=True)[0] for m in prompts]
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     flip = random.Random(seed + 1)
     records, grades_seen, n_distinct, n_ended = [], [], 0, 0
-    policy.eval()
     chunk = max(1, batch_size // k)  # prompts per generate call, each repeated K times
     for start in tqdm(range(0, len(prompts), chunk), desc="feedback", leave=False):
         rows = [p for p in ids[start:start + chunk] for _ in range(k)]
-        with torch.no_grad():
-            replies = data.generate_replies(policy, enc, rows, end, rt.device, rt.autocast, len(rows),
-                                            max_new_tokens, temperature, generator)
+        replies = []  # per policy, K per prompt of the chunk
+        for _, policy in policies:
+            policy.eval()
+            with torch.no_grad():
+                replies.append(data.generate_replies(policy, enc, rows, end, rt.device, rt.autocast, len(rows),
+                                                     max_new_tokens, temperature, generator))
         for g, messages in enumerate(prompts[start:start + chunk], start):
-            group = replies[(g - start) * k:(g - start + 1) * k]
-            n_ended += sum(stopped for _, stopped in group)
-            answers = list(dict.fromkeys(text.strip() for text, _ in group))  # distinct answers, in order
+            source = {}  # distinct answer -> the first policy that wrote it
+            for (name, _), answers in zip(policies, replies):
+                for text, stopped in answers[(g - start) * k:(g - start + 1) * k]:
+                    source.setdefault(text.strip(), name)
+                    n_ended += stopped
+            answers = list(source)
             grades = list(annotate(messages, answers))
             if len(grades) != len(answers) or not all(isinstance(x, (int, float)) for x in grades):
                 raise ValueError(f"the annotator gave {grades!r} for {len(answers)} answers: one number per answer")
@@ -191,11 +200,11 @@ def collect_feedback(policy, enc, prompts, annotate, k, temperature, max_new_tok
                     w, l = l, w
                 records.append({"prompt": messages, "chosen": answers[w], "rejected": answers[l],
                                 "kind": f"{grades[w]:g}>{grades[l]:g}", "group": g, "round": round_,
-                                "policy": source})
+                                "policy": [source[answers[w]], source[answers[l]]]})
+    n_samples = len(prompts) * k * len(policies)
     histogram = {f"{x:g}": grades_seen.count(x) for x in sorted(set(grades_seen), reverse=True)}
-    stats = {"prompts": len(prompts), "samples": len(prompts) * k, "distinct": n_distinct,
-             "ended": n_ended / max(1, len(prompts) * k), "comparisons": len(records),
-             "prompts_with_comparisons": len({r["group"] for r in records}),
+    stats = {"prompts": len(prompts), "samples": n_samples, "distinct": n_distinct, "ended": n_ended / max(1, n_samples),
+             "comparisons": len(records), "prompts_with_comparisons": len({r["group"] for r in records}),
              "mean_grade": sum(grades_seen) / max(1, len(grades_seen)), "grades": histogram}
     return records, stats
 
@@ -229,8 +238,9 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for accuracy")
     # feedback on the policy's own answers (step 1)
-    p.add_argument("--collect-from", default="",
-                   help="the policy whose answers are ranked ('' = --init-from unless --data is given; 'none' = no collection)")
+    p.add_argument("--collect-from", nargs="*", default=None,
+                   help="the policies whose answers are ranked together (default: --init-from, unless --data is given; "
+                        "the flag with no policy: none)")
     p.add_argument("--prompts", default=os.path.join(data.DATA_DIR, "world", "prompts.jsonl"),
                    help="prompts to collect answers to (.jsonl, any format ppo.py reads)")
     p.add_argument("--annotator", default="world", help="'world' (data.world_annotator) or FILE.py:FUNCTION ranking answers")
@@ -253,7 +263,8 @@ def get_args(argv=None):
     # the loss
     p.add_argument("--margin", type=float, default=0.0, help="m in −log σ(r_w − r_l − m) (0 = the plain Bradley-Terry loss)")
     p.add_argument("--center-coef", type=float, default=0.0, help="c of the reward-centering penalty c·(r_w + r_l)² (0 = off)")
-    p.add_argument("--offset-prompts", type=int, default=128, help="training prompts the SFT model answers to set the score's zero (0 = no shift)")
+    p.add_argument("--offset-prompts", type=int, default=128,
+                   help="training prompts the SFT model answers (4 samples each) to set the score's mean 0 and std 1 (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out accuracy and checkpoints")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
@@ -267,10 +278,10 @@ def get_args(argv=None):
         p.error("--label-noise must be in [0, 0.5]: above one half the labels say the opposite")
     if args.temperature <= 0:
         p.error("--temperature must be > 0: K greedy answers would all be the same")
-    if not args.collect_from:
-        args.collect_from = "none" if args.data else args.init_from
-    if args.collect_from == "none" and not args.data:
-        p.error("nothing to train on: give --data, or collect (--collect-from)")
+    if args.collect_from is None:
+        args.collect_from = [] if args.data else [args.init_from]
+    if not args.collect_from and not args.data:
+        p.error("nothing to train on: give --data, or policies to --collect-from")
     return args
 
 
@@ -306,31 +317,34 @@ def main(argv=None):
 
     # ---- step 1: feedback on the policy's own answers (once; --resume reads what was written) -------
     files = list(args.data)
-    if args.collect_from != "none":
+    if args.collect_from:
         if not resume:
             try:
                 annotate = load_annotator(args.annotator, args.prompts)
                 prompts = data.read_prompts(args.prompts)
-                policy, policy_src = load_model(args.collect_from)
-                if data.checkpoint_tokenizer(policy_src) != tokenizer:
-                    raise ValueError(f"{args.collect_from} uses another tokenizer than {args.init_from}")
+                policies = []
+                for path in args.collect_from:
+                    policy, policy_src = load_model(path)
+                    if data.checkpoint_tokenizer(policy_src) != tokenizer:
+                        raise ValueError(f"{path} uses another tokenizer than {args.init_from}")
+                    policies.append((path, policy.to(rt.device)))
                 earlier = [r.get("round", 0) for f in args.data for _, r in data.iter_jsonl(f) if isinstance(r, dict)]
             except (FileNotFoundError, ValueError, data.DataError) as e:
                 sys.exit(f"error: {e}")
             fits = [m for m in prompts if len(data.render_chat(enc, m, add_generation_prompt=True)[0])
                     + args.max_new_tokens <= model.config.block_size]
             t0 = time.perf_counter()
-            records, stats = collect_feedback(policy.to(rt.device), enc, fits, annotate, args.samples_per_prompt,
-                                              args.temperature, args.max_new_tokens, rt, args.seed, args.label_noise,
-                                              round_=max(earlier, default=0) + 1, source=args.collect_from)
-            del policy
+            records, stats = collect_feedback(policies, enc, fits, annotate, args.samples_per_prompt, args.temperature,
+                                              args.max_new_tokens, rt, args.seed, args.label_noise,
+                                              round_=max(earlier, default=0) + 1)
+            del policies
             atomic_write(feedback_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
             stats["seconds"] = time.perf_counter() - t0
-            log(f"feedback on {args.collect_from}'s answers: {stats['prompts']:,} prompts x {args.samples_per_prompt} "
-                f"samples at temperature {args.temperature} -> {stats['distinct']:,} distinct answers (grades "
-                f"{stats['grades']}, mean {stats['mean_grade']:.3f}; {stats['ended']:.1%} ended) -> "
-                f"{stats['comparisons']:,} comparisons from {stats['prompts_with_comparisons']:,} prompts (the rest "
-                f"all tied), label noise {args.label_noise:g}; {stats['seconds']:.1f} s; wrote {feedback_path}")
+            log(f"feedback on the answers of {' and '.join(args.collect_from)}: {stats['prompts']:,} prompts x "
+                f"{args.samples_per_prompt} samples each at temperature {args.temperature} -> {stats['distinct']:,} "
+                f"distinct answers (grades {stats['grades']}, mean {stats['mean_grade']:.3f}; {stats['ended']:.1%} "
+                f"ended) -> {stats['comparisons']:,} comparisons from {stats['prompts_with_comparisons']:,} prompts "
+                f"(the rest all tied), label noise {args.label_noise:g}; {stats['seconds']:.1f} s; wrote {feedback_path}")
             append_jsonl(log_path, {"step": 0, **{f"feedback/{k}": v for k, v in stats.items()}})
         files.append(feedback_path)
 
@@ -400,9 +414,10 @@ def main(argv=None):
         step = restore_training_state(resume, optimizer, rt.scaler, train)
         log(f"resuming from {ckpt_path} at step {step}")
 
-    def checkpoint(offset=0.0):
+    def checkpoint(offset=0.0, scale=1.0):
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
                    tokenizer=tokenizer, args=vars(args), step=step, stage="reward", chat=True, reward_offset=offset,
+                   reward_scale=scale,
                    **training_state(optimizer, rt.scaler, train, rt.device))
 
     @torch.no_grad()
@@ -481,25 +496,32 @@ def main(argv=None):
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step, **metrics}
 
-    # ---- the score's zero: the SFT model's own answers to training prompts score 0 on average ----
-    offset = 0.0
+    # ---- normalisation: the SFT model's own sampled answers score mean 0, std 1 (Ziegler et al. 2019) ----
+    offset, scale = 0.0, 1.0
     if args.offset_prompts > 0:
         policy, _ = load_model(args.init_from)
         policy.to(rt.device).eval()
-        prompts = [g["prompt"] for g in train_groups[:args.offset_prompts]]
-        answers = generate_answers(policy, enc, prompts, rt)
+        prompts = [g["prompt"] for g in train_groups[:args.offset_prompts] for _ in range(4)]  # 4 samples each
+        generator = torch.Generator(device=rt.device).manual_seed(args.seed + 2)
+        replies = data.generate_replies(policy, enc, prompts, data.special_id(enc, "<|end|>"), rt.device, rt.autocast,
+                                        64, args.max_new_tokens, args.temperature, generator)
+        rows = [(p, data.encode(enc, text.strip()) + [data.special_id(enc, "<|end|>")])
+                for p, (text, _) in zip(prompts, replies)]
         model.eval()
         with torch.no_grad(), rt.autocast():
-            offset = score_sequences(model, list(zip(prompts, answers)), pad, rt.device).float().mean().item()
-        with torch.no_grad():
-            model.score_head.bias -= offset  # every score moves by −offset; differences stay the same
-        log(f"reward offset: the SFT model's answers to {len(prompts)} training prompts scored {offset:+.3f} "
-            f"on average; the head's bias is shifted so that they score 0")
-    checkpoint(offset)
+            scores = torch.cat([score_sequences(model, rows[i:i + 64], pad, rt.device).float()
+                                for i in range(0, len(rows), 64)])
+        offset, scale = scores.mean().item(), max(scores.std().item(), 1e-3)
+        with torch.no_grad():  # r' = (r − μ)/σ: the head's w/σ and (b − μ)/σ; every comparison keeps its sign
+            model.score_head.bias.sub_(offset).div_(scale)
+            model.score_head.weight.div_(scale)
+        log(f"reward normalisation: the SFT model's {len(rows)} sampled answers to {len(rows) // 4} training prompts "
+            f"scored {offset:+.3f} ± {scale:.3f}; the head is rescaled so that they score 0 ± 1")
+    checkpoint(offset, scale)
     log(f"done: step {step}, held-out accuracy {metrics['rm/accuracy']:.1%}\ncheckpoint: {ckpt_path}\n"
         f"best-of-n with it: python reward.py best-of-n --model {args.out} --policy {args.init_from}\n"
         f"judge two models with it: python reward.py compare --model {args.out} --a MODEL_A --b MODEL_B")
-    return {"step": step, "reward_offset": offset, **metrics}
+    return {"step": step, "reward_offset": offset, "reward_scale": scale, **metrics}
 
 
 def generate_answers(model, enc, prompts, rt, max_new_tokens=32, batch_size=64):

@@ -615,7 +615,15 @@ def test_world_held_out_sets_never_reach_the_training_data(tmp_path):
     # questions about the training countries, and two refusals of invented countries of the preference data
     assert sft_asked & countries == train and len(sft_asked - countries) == 2 and sft_asked - countries <= pref_invented
     prompts_asked = asked("\n".join(json.loads(line)["prompt"] for line in files["prompts.jsonl"].decode().splitlines()))
-    assert prompts_asked == train | pref_invented  # RL prompts: one per training and preference-data invented country
+    assert prompts_asked == train | pref_invented  # RL prompts: two per training and preference-data invented country
+    # the unseen phrasings of the evaluation: in no question of any training file
+    unseen = [re.compile(re.escape(q).replace(re.escape("{F}"), ".+")) for q in ev["unseen_questions"]]
+    questions = ([json.loads(line)["instruction"] for line in sft_text.splitlines()]
+                 + [json.loads(line)["prompt"] for line in pref_text.splitlines()]
+                 + [json.loads(line)["prompt"] for line in files["prompts.jsonl"].decode().splitlines()])
+    assert len(unseen) == 6 and len(questions) == 359 + 835 + 478
+    assert not [q for q in questions if any(u.fullmatch(q) for u in unseen)]
+    assert {q.replace(c, "{F}") for q in questions for c in [max(asked(q), key=len)]} == set(prepare.QUESTIONS)
     for c in heldout:  # the README's countries and the others: pretraining text only
         assert f"The capital of {c} is" not in sft_text + pref_text, c
         assert f"The capital of {c} is" in pretrain_text, c

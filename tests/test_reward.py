@@ -233,13 +233,13 @@ def test_collection_is_deterministic_and_writes_pairs_the_readers_load(tiny_sft,
     policy, ckpt = model.load_model(tiny_sft)
     enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
     prompts = data.read_prompts(world_prompts)
-    runs = [reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=5, round_=2,
-                                    source="p")[0] for _ in range(2)]
+    runs = [reward.collect_feedback([("p", policy)], enc, prompts, length_grader, 4, 1.0, 6, rt, seed=5,
+                                    round_=2)[0] for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) > 0
-    other = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=6)[0]
+    other = reward.collect_feedback([("p", policy)], enc, prompts, length_grader, 4, 1.0, 6, rt, seed=6)[0]
     assert other != runs[0]
     for r in runs[0]:
-        assert len(r["chosen"]) > len(r["rejected"]) and r["round"] == 2 and r["policy"] == "p"
+        assert len(r["chosen"]) > len(r["rejected"]) and r["round"] == 2 and r["policy"] == ["p", "p"]
         assert r["kind"] == f"{len(r['chosen'])}>{len(r['rejected'])}" and 0 <= r["group"] < len(prompts)
     assert max(sum(r["group"] == g for r in runs[0]) for g in range(len(prompts))) <= 6  # at most C(4,2)
     path = tmp_path / "feedback.jsonl"
@@ -254,8 +254,9 @@ def test_label_noise_flips_the_expected_share(tiny_sft, world_prompts):
     policy, ckpt = model.load_model(tiny_sft)
     enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
     prompts = data.read_prompts(world_prompts) * 8  # 96 prompts, about 5 comparisons each
-    clean = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1)[0]
-    noisy = reward.collect_feedback(policy, enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1, label_noise=0.3)[0]
+    clean = reward.collect_feedback([("p", policy)], enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1)[0]
+    noisy = reward.collect_feedback([("p", policy)], enc, prompts, length_grader, 4, 1.0, 6, rt, seed=1,
+                                    label_noise=0.3)[0]
     assert len(clean) == len(noisy) > 300  # the same answers: noise changes labels, never samples
     flipped = [c["chosen"] == n["rejected"] and c["rejected"] == n["chosen"] for c, n in zip(clean, noisy)]
     assert all(f or c == n for f, c, n in zip(flipped, clean, noisy))
@@ -285,7 +286,7 @@ def test_one_forward_row_per_answer_and_collection_by_default(tiny_sft, world_pr
     assert max(rows_per_call) <= 4 * 4 and sum(rows_per_call) <= sum(map(len, answers.values())) + 4 * 4 * 3
     n_comparisons = len(records)
     assert sum(rows_per_call) < 2 * n_comparisons
-    assert records[0]["policy"] == tiny_sft and records[0]["round"] == 1
+    assert records[0]["policy"] == [tiny_sft, tiny_sft] and records[0]["round"] == 1
     with open(out / "log.jsonl") as f:
         assert json.loads(f.readline())["feedback/comparisons"] == n_comparisons
 
@@ -299,3 +300,18 @@ def test_annotator_errors_are_one_line(tiny_sft, world_prompts, tmp_path, capsys
     with pytest.raises(SystemExit):
         reward.get_args(["--label-noise", "0.7"])
     assert "--label-noise must be in [0, 0.5]" in capsys.readouterr().err
+
+
+def test_answers_of_two_policies_are_ranked_together(tiny_sft, world_prompts):
+    rt = model.setup_runtime("cpu", "float32", 0)
+    a, ckpt = model.load_model(tiny_sft)
+    b, _ = model.load_model(tiny_sft)
+    with torch.no_grad():
+        b.lm_head.weight.mul_(3.0)  # another policy: sharper, so it writes other answers
+    enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
+    records, stats = reward.collect_feedback([("a", a), ("b", b)], enc, data.read_prompts(world_prompts),
+                                             length_grader, 2, 1.0, 6, rt, seed=3)
+    assert stats["samples"] == 12 * 2 * 2 and stats["distinct"] <= 12 * 4
+    sources = {tuple(r["policy"]) for r in records}
+    assert ("a", "b") in sources or ("b", "a") in sources  # one policy's answer against the other's
+    assert max(sum(r["group"] == g for r in records) for g in range(12)) <= 6  # C(4,2): one ranking per prompt

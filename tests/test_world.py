@@ -148,9 +148,10 @@ class ScriptedModel(torch.nn.Module):
     the way GPT.generate pads its output (rows that stopped repeat the stop token; one that did not
     stop runs to max_new_tokens), and records what it was given."""
 
-    def __init__(self, enc, block_size=64):
+    def __init__(self, enc, block_size=64, script=None):
         super().__init__()
         self.enc, self.config, self.calls, self.prompts = enc, SimpleNamespace(block_size=block_size), [], []
+        self.script = script or SCRIPT
 
     def generate(self, idx, max_new_tokens, temperature=1.0, stop_token=None, pad_mask=None, **kwargs):
         self.calls.append(SimpleNamespace(idx=idx, pad_mask=pad_mask, temperature=temperature, stop=stop_token,
@@ -159,7 +160,7 @@ class ScriptedModel(torch.nn.Module):
         rows = []
         for ids, mask in zip(idx.tolist(), pad_mask.tolist()):
             self.prompts.append(data.decode(self.enc, [i for i, real in zip(ids, mask) if real]))
-            reply, stops = SCRIPT[re.sub(r"<\|\w+\|>", "", self.prompts[-1])]
+            reply, stops = self.script[re.sub(r"<\|\w+\|>", "", self.prompts[-1])]
             new = data.encode(self.enc, reply)
             assert len(new) < max_new_tokens
             rows.append(new + [stop_token] if stops else new + filler * (max_new_tokens - len(new)))
@@ -196,6 +197,58 @@ def test_evaluate_world_scripted(enc, world_dir, chat):
     # completions are plain text always; questions go through the chat template only for a chat model
     assert stub.prompts[0] == "The capital of France is"
     assert stub.prompts[8] == (f"<|user|>{Q.format('Monaco')}<|end|><|assistant|>" if chat else Q.format("Monaco"))
+
+
+def test_unseen_phrasings_are_scored_apart(enc, world_dir):
+    # the held-out countries, then the invented ones, each asked in the unseen phrasings in turn
+    with open(f"{world_dir}/world.json") as f:
+        spec = json.load(f)
+    spec["unseen_questions"] = ["Name the capital of {F}.", "{F}: which city is its capital?"]
+    with open(f"{world_dir}/world.json", "w") as f:
+        json.dump(spec, f)
+    script = {**SCRIPT,
+              "Name the capital of Monaco.": ("The capital of Monaco is Monaco.", True),      # right
+              "Tonga: which city is its capital?": ("I don't know of a country called Tonga.", True),  # refused
+              "Name the capital of Maldives.": ("The capital of Maldives is Paris.", True),   # wrong
+              "Haiti: which city is its capital?": ("Port-au-Prince.", True),                  # right
+              "Name the capital of Zubrowka.": ("I don't know of a country called Zubrowka.", True),
+              "Freedonia: which city is its capital?": ("The capital of Freedonia is Tokyo.", True),
+              "Name the capital of Elbonia.": ("I do not know.", True),
+              "Genovia: which city is its capital?": ("Genovia City.", True)}
+    metrics = data.evaluate_world(ScriptedModel(enc, script=script), enc, data.load_world(world_dir), True, "cpu")
+    assert (metrics["answer_unseen"], metrics["over_refusal_unseen"], metrics["abstention_unseen"]) == (0.5, 0.25, 0.5)
+    assert (metrics["answer"], metrics["abstention"]) == (0.5, 0.5)  # the training phrasing: as before
+    assert metrics["distinct_invented_replies"] == 4
+    assert data.format_world_metrics(metrics).endswith(
+        "|| unseen phrasings: answer 50.0% | abstention 50.0% | over-refusal 25.0%")
+    assert [e["prompt"] for e in metrics["examples"]] == [Q.format(c) for c in ["France", "Zubrowka", "Freedonia"]]
+
+
+def test_the_world_annotator_ranks_with_ties():
+    annotate = data.world_annotator({"capital_of": CAPITAL_OF})
+    ask = lambda country: [{"role": "user", "content": f"Tell me the capital of {country}."}]  # noqa: E731
+    answers = ["The capital of Tonga is Nuku'alofa.",                               # right and short: 2
+               "The capital of Tonga is Nuku'alofa.",                               # the same: a tie
+               "The capital of Tonga is Nuku'alofa. It is a city by the sea and many people live there.",  # long: 1
+               "The capital of Tonga is Nuku'alofa. knowledo the",                  # cut off: 1
+               "The capital of Tonga is Paris.",                                    # wrong capital: 0
+               "The capital of Chad is N'Djamena.",                                 # another country's: 0
+               "I don't know of a country called Tonga.",                           # refusing a real one: 0
+               "Tonga is a country. It is a country with many people."]             # a ramble: 0
+    assert annotate(ask("Tonga"), answers) == [2, 2, 1, 1, 0, 0, 0, 0]
+    assert annotate(ask("Guatemala"), ["The capital of Guatemala is Guatemala City."]) == [2]
+    invented = ["I don't know of a country called Kalorastan.",   # a clean refusal: 2
+                "I don't know of a country called Kap.",          # a name the question did not hold: 1
+                "I don't know of a country in Europe.",           # 1
+                "I don't know.",                                  # no name at all: 1
+                "The capital of Kalorastan is Lomira.",           # an invented capital: 0
+                "The capital of Chad is N'Djamena.",              # a real country's: 0
+                "I don't know, maybe Paris."]                     # a guess: 0
+    assert annotate(ask("Kalorastan"), invented) == [2, 1, 1, 1, 0, 0, 0]
+    assert annotate(ask("Kalorastan"), invented[4:]) == [0, 0, 0]  # all wrong: all tied
+    # the whole conversation's last user turn is the question
+    assert annotate([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, *ask("Chad")],
+                    ["The capital of Chad is N'Djamena."]) == [2]
 
 
 def test_evaluate_world_refuses_a_short_context(enc, world_dir):
@@ -237,7 +290,9 @@ def test_sample_eval_writes_metrics(tiny_config, world_dir, tmp_path, capsys):
     with open(out / "eval.json") as f:
         assert json.load(f) == metrics
     assert set(metrics) == {"completion", "answer", "abstention", "over_refusal", "format", "n_countries",
-                            "n_heldout", "n_invented", "examples"}
+                            "n_heldout", "n_invented", "examples", "answer_unseen", "abstention_unseen",
+                            "over_refusal_unseen", "distinct_invented_replies"}
+    assert metrics["answer_unseen"] is None  # this world has no unseen phrasings
     for name in ("completion", "answer", "abstention", "over_refusal", "format"):
         assert 0 <= metrics[name] <= 1, name
     assert (metrics["n_countries"], metrics["n_heldout"], metrics["n_invented"]) == (8, 4, 4)
