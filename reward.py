@@ -554,17 +554,21 @@ def best_of_n(scores, values, n):
 
 def best_of_n_report(args, rm, ckpt, enc, rt):
     """The world's held-out questions (real and invented countries, the training phrasing and the unseen
-    ones), N samples each from --policy; for n = 1, 2, 4, ..., N the reward model's pick: its score
-    (proxy), the annotator's grade (gold), the share of real countries answered right and of invented
-    ones declined; the oracle's pick (the best grade of n); and the share of two differently graded
-    samples of one question that the reward model orders as the annotator does."""
+    ones; or the --prompts given, written to best_of_n_train.json), N samples each from --policy; for
+    n = 1, 2, 4, ..., N the reward model's pick: its score (proxy), the annotator's grade (gold), the share
+    of real countries answered right and of invented ones declined; the oracle's pick (the best grade of
+    n); and the share of two differently graded samples of one question that the reward model orders as
+    the annotator does."""
     world = data.load_world(args.world)
     annotate = data.world_annotator(world)
     unseen = world.get("unseen_questions", [])
-    asked = [(c, "What is the capital of {F}?", True) for c in world["heldout"] + world["invented"]]
-    asked += [(c, unseen[i % len(unseen)], False) for i, c in enumerate(world["heldout"] + world["invented"]) if unseen]
-    questions = [[{"role": "user", "content": q.format(F=c)}] for c, q, _ in asked]
-    is_real = torch.tensor([c in world["capital_of"] for c, _, _ in asked])
+    if args.prompts:
+        questions = data.read_prompts(args.prompts)
+    else:
+        asked = [(c, "What is the capital of {F}?") for c in world["heldout"] + world["invented"]]
+        asked += [(c, unseen[i % len(unseen)]) for i, c in enumerate(world["heldout"] + world["invented"]) if unseen]
+        questions = [[{"role": "user", "content": q.format(F=c)}] for c, q in asked]
+    is_real = torch.tensor([bool(data.names_capitals(q[-1]["content"], world["capital_of"])) for q in questions])
     policy, pckpt = load_model(args.policy)
     if data.checkpoint_tokenizer(pckpt) != data.checkpoint_tokenizer(ckpt):
         raise ValueError(f"{args.policy} uses another tokenizer than the reward model {args.model}")
@@ -599,9 +603,10 @@ def best_of_n_report(args, rm, ckpt, enc, rt):
         agree += (differ & (s[:, None] > s[None, :])).sum().item()
         total += differ.sum().item()
     result["heldout_accuracy"] = agree / total if total else float("nan")
-    out = args.out or os.path.join(args.model, "best_of_n.json")
+    out = args.out or os.path.join(args.model, "best_of_n_train.json" if args.prompts else "best_of_n.json")
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"best-of-n: {args.policy}'s answers to {len(questions)} held-out questions, picked by {args.model}")
+    print(f"best-of-n: {args.policy}'s answers to {len(questions)} {'prompts of ' + args.prompts if args.prompts else 'held-out questions'}, "
+          f"picked by {args.model}")
     print("   n |  proxy |  gold | right (real) | declined (invented) | oracle gold")
     for r in result["curve"]:
         print(f"{r['n']:4d} | {r['proxy']:6.2f} | {r['gold']:.3f} | {r['right_real']:12.1%} | "
@@ -631,10 +636,11 @@ def get_judge_args(argv):
                        help="sample N answers per held-out question, keep the reward model's favourite, check the truth")
     b.add_argument("--policy", default="out/sft", help="the policy that samples the answers")
     b.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="the world whose held-out questions are asked")
+    b.add_argument("--prompts", default="", help="ask these prompts instead (.jsonl, e.g. the training prompts; '' = the held-out questions)")
     b.add_argument("--n", type=positive_int, default=16, help="samples per question N; picks are reported for n = 1, 2, 4, ..., N")
     b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     b.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens per answer")
-    b.add_argument("--out", default="", help="results .json ('' = MODEL/best_of_n.json)")
+    b.add_argument("--out", default="", help="results .json ('' = MODEL/best_of_n.json, or best_of_n_train.json with --prompts)")
     b.add_argument("--seed", type=int, default=1337, help="seed for sampling")
     for q in (s, c, b):
         q.add_argument("--model", default="out/reward", help="reward model checkpoint")

@@ -6,7 +6,9 @@ Each stage's own metric must move the right way on held-out data:
   capital) from the 0% of an untrained model;
   SFT raises answer accuracy on countries held out of its data, in the chat template, above the base
   model's plain-text answer accuracy, and its replies end with <|end|>;
-  the reward model's accuracy on held-out preference pairs rises from chance to at least 75%;
+  the reward model's accuracy on held-out preference pairs rises from chance to at least 75%; the reward
+  model trained on feedback collected on the SFT model's own answers (reward.py's default) prefers the
+  annotator's choice among that model's samples to prompts held out of its training at least 70% of the time;
   DPO raises abstention on invented countries while keeping held-out answers;
   PPO and GRPO each raise the reward model's score over training.
 
@@ -58,11 +60,27 @@ def test_world_chain_each_stage_moves_its_metric(tmp_path):
     assert tuned["answer"] >= 0.5 and tuned["answer"] >= base["answer"] + 0.3  # on the held-out countries
     assert tuned["format"] >= 0.9
 
-    rm = tmp_path / "reward"
-    run("reward.py", "--init-from", sft, "--data", world / "prefs.jsonl", "--out", rm, "--max-steps", 100,
+    # the reward model on the hand-written pairs, and on feedback collected on the SFT model's own answers
+    # (reward.py's default): the annotator ranks 4 samples per prompt of prompts.jsonl
+    off = tmp_path / "reward_offpolicy"
+    run("reward.py", "--init-from", sft, "--data", world / "prefs.jsonl", "--out", off, "--max-steps", 100,
         "--val-fraction", "0.2", "--eval-every", 100, "--offset-prompts", 16, *SYSTEM)
-    scores = [r for r in map(json.loads, open(rm / "log.jsonl")) if "rm/accuracy" in r]
+    scores = [r for r in map(json.loads, open(off / "log.jsonl")) if "rm/accuracy" in r]
     assert scores[0]["rm/accuracy"] < 0.75 <= scores[-1]["rm/accuracy"]  # held-out pairs, before and after
+    rm = tmp_path / "reward"
+    run("reward.py", "--init-from", sft, "--prompts", world / "prompts.jsonl", "--out", rm, "--max-steps", 100,
+        "--val-fraction", "0.2", "--eval-every", 100, "--offset-prompts", 16, *SYSTEM)
+    collected = [json.loads(line) for line in open(rm / "feedback.jsonl")]
+    assert len(collected) >= 20 and all(r["policy"] == [str(sft)] * 2 and r["round"] == 1 for r in collected)
+    # on the prompts held out of its training (a fifth of them), the reward model prefers the answer the
+    # annotator preferred among the policy's own samples: from chance before training to at least 70%
+    scores = [r for r in map(json.loads, open(rm / "log.jsonl")) if "rm/accuracy" in r]
+    print("on-policy held-out accuracy", scores[0]["rm/accuracy"], scores[-1]["rm/accuracy"])
+    assert scores[-1]["rm/accuracy"] >= 0.7 and scores[-1]["rm/accuracy"] > scores[0]["rm/accuracy"]
+    run("reward.py", "best-of-n", "--model", rm, "--policy", sft, "--world", world, "--n", 4,
+        "--device", "cpu", "--dtype", "float32")
+    curve = read(rm / "best_of_n.json")["curve"]
+    assert [c["n"] for c in curve] == [1, 2, 4] and all(c["oracle_gold"] >= c["gold"] for c in curve)
 
     aligned = tmp_path / "dpo"
     run("dpo.py", "--init-from", sft, "--data", world / "prefs.jsonl", "--out", aligned, "--max-steps", 100,
