@@ -33,7 +33,8 @@ loss term (k3, GRPO Eq. 3) instead of a part of the reward.
 Reads:  --policy the SFT checkpoint (default out/sft); --reward-model the reward model (out/reward), or
         --reward world: the world's own rule instead; --prompts .jsonl (default data/world/prompts.jsonl).
 Writes: OUT/ckpt.pt (a chat model, as sft.py writes; plus the value model for --resume), OUT/adapter.pt
-        (LoRA), OUT/log.jsonl, OUT/eval.json.
+        (LoRA), OUT/log.jsonl (every step; on the world with the gold: data.world_annotator's mean grade
+        of the rollouts, next to the reward model's score, the proxy), OUT/eval.json.
 
   python ppo.py                                  # out/sft against out/reward -> out/ppo
   python ppo.py --reward world --out out/ppo_world   # the world's verifiable rule as the reward

@@ -39,7 +39,7 @@ Reads:  --init-from an SFT (or pretrained) checkpoint, default out/sft; --collec
         (default the world's); --data preference files to train on as well (prompt/chosen/rejected, with
         an optional group; HH-RLHF transcripts or OpenAI's format).
 Writes: OUT/feedback.jsonl (collected comparisons), OUT/ckpt.pt (a scoring model: model_config.score_head
-        is set), OUT/adapter.pt (LoRA runs), OUT/log.jsonl.
+        is set), OUT/adapter.pt (LoRA runs), OUT/log.jsonl; best-of-n writes MODEL/best_of_n.json.
 
   python reward.py                                             # collect on out/sft's answers, train
   python reward.py --data data/world/prefs.jsonl --out out/reward_offpolicy   # hand-written pairs only

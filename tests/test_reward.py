@@ -315,3 +315,19 @@ def test_answers_of_two_policies_are_ranked_together(tiny_sft, world_prompts):
     sources = {tuple(r["policy"]) for r in records}
     assert ("a", "b") in sources or ("b", "a") in sources  # one policy's answer against the other's
     assert max(sum(r["group"] == g for r in records) for g in range(12)) <= 6  # C(4,2): one ranking per prompt
+
+
+def test_resume_after_collection_reuses_the_feedback_and_is_exact(tiny_sft, world_prompts, tmp_path):
+    grader = tmp_path / "grader.py"
+    grader.write_text("def grade(messages, answers):\n    return [len(a) for a in answers]\n")
+    common = ["--init-from", tiny_sft, "--prompts", world_prompts, "--annotator", f"{grader}:grade",
+              "--max-new-tokens", "6", "--batch-size", "4", "--max-steps", "6", "--eval-every", "100", "--log-every",
+              "1", "--offset-prompts", "0", "--device", "cpu", "--dtype", "float32"]
+    reward.main([*common, "--out", str(tmp_path / "straight")])
+    reward.main([*common, "--out", str(tmp_path / "resumed"), "--stop-at", "3"])
+    written = (tmp_path / "resumed" / "feedback.jsonl").read_bytes()
+    (tmp_path / "grader.py").write_text("def grade(messages, answers):\n    raise RuntimeError('asked again')\n")
+    reward.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])  # would raise if it collected again
+    assert (tmp_path / "resumed" / "feedback.jsonl").read_bytes() == written
+    assert written == (tmp_path / "straight" / "feedback.jsonl").read_bytes()
+    assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
