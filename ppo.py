@@ -402,8 +402,8 @@ def main(argv=None, reward_fn=None):
             score = torch.where(ended, score.float(), args.missing_end_penalty)
         gold = [annotate(r["messages"], [data.decode(enc, [t for t in ids[:n] if t != end])])[0]
                 for r, ids, n in zip(batch, response.tolist(), length.tolist())] if annotate else [float("nan")]
-        return dict(gold=torch.tensor(gold, dtype=torch.float), seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
-                    ref_logprobs=ref_logprobs, values=values.float(), score=score, ended=ended.float(),
+        return dict(seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
+                    gold=torch.tensor(gold, dtype=torch.float), ref_logprobs=ref_logprobs, values=values.float(), score=score, ended=ended.float(),
                     length=length.float(), t_generate=t1 - t0, t_score=time.perf_counter() - t1)
 
     # ---- optimizers: one per network -----------------------------------------------------------------

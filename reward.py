@@ -115,6 +115,16 @@ def fit_pair(prompt, chosen, rejected, max_len):
     return prompt[-room:], chosen, rejected
 
 
+def score_answers(model, prompts, answers, enc, rt, batch_size=128):
+    """Scores (N,), fp32, of answer texts to prompt token lists: each answer ends with <|end|> as in
+    training, each prompt is cut to fit (fit_pair), batch_size rows per forward pass."""
+    end = data.special_id(enc, "<|end|>")
+    rows = [fit_pair(p, data.encode(enc, a) + [end], [], model.config.block_size)[:2] for p, a in zip(prompts, answers)]
+    with torch.no_grad(), rt.autocast():
+        return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
+                          for i in range(0, len(rows), batch_size)])
+
+
 # -----------------------------------------------------------------------------
 # Step 1: feedback on the policy's own answers
 
@@ -505,17 +515,13 @@ def main(argv=None):
         generator = torch.Generator(device=rt.device).manual_seed(args.seed + 2)
         replies = data.generate_replies(policy, enc, prompts, data.special_id(enc, "<|end|>"), rt.device, rt.autocast,
                                         64, args.max_new_tokens, args.temperature, generator)
-        rows = [(p, data.encode(enc, text.strip()) + [data.special_id(enc, "<|end|>")])
-                for p, (text, _) in zip(prompts, replies)]
         model.eval()
-        with torch.no_grad(), rt.autocast():
-            scores = torch.cat([score_sequences(model, rows[i:i + 64], pad, rt.device).float()
-                                for i in range(0, len(rows), 64)])
+        scores = score_answers(model, prompts, [text.strip() for text, _ in replies], enc, rt)
         offset, scale = scores.mean().item(), max(scores.std().item(), 1e-3)
         with torch.no_grad():  # r' = (r − μ)/σ: the head's w/σ and (b − μ)/σ; every comparison keeps its sign
             model.score_head.bias.sub_(offset).div_(scale)
             model.score_head.weight.div_(scale)
-        log(f"reward normalisation: the SFT model's {len(rows)} sampled answers to {len(rows) // 4} training prompts "
+        log(f"reward normalisation: the SFT model's {len(prompts)} sampled answers to {len(prompts) // 4} training prompts "
             f"scored {offset:+.3f} ± {scale:.3f}; the head is rescaled so that they score 0 ± 1")
     checkpoint(offset, scale)
     log(f"done: step {step}, held-out accuracy {metrics['rm/accuracy']:.1%}\ncheckpoint: {ckpt_path}\n"
@@ -576,14 +582,11 @@ def best_of_n_report(args, rm, ckpt, enc, rt):
     end = data.special_id(enc, "<|end|>")
     prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)
-    replies = data.generate_replies(policy, enc, [p for p in prompt_ids for _ in range(args.n)], end, rt.device,
-                                    rt.autocast, 256, args.max_new_tokens, args.temperature, generator)
+    repeated = [p for p in prompt_ids for _ in range(args.n)]                 # N samples of each question
+    replies = data.generate_replies(policy, enc, repeated, end, rt.device, rt.autocast, 256, args.max_new_tokens,
+                                    args.temperature, generator)
     texts = [text.strip() for text, _ in replies]
-    rows = [fit_pair(prompt_ids[i // args.n], data.encode(enc, t) + [end], [], rm.config.block_size)[:2]
-            for i, t in enumerate(texts)]                                 # (prompt, answer) per sample
-    with torch.no_grad(), rt.autocast():
-        scores = torch.cat([score_sequences(rm, rows[i:i + 128], enc.eot_token, rt.device).float().cpu()
-                            for i in range(0, len(rows), 128)]).view(len(questions), args.n)   # (Q, N)
+    scores = score_answers(rm, repeated, texts, enc, rt).cpu().view(len(questions), args.n)  # (Q, N)
     grades = torch.tensor([float(g) for i, q in enumerate(questions)
                            for g in annotate(q, texts[i * args.n:(i + 1) * args.n])]).view(len(questions), args.n)
     good = (grades > 0).float()  # right capital, or a refusal of a country that does not exist
@@ -658,12 +661,6 @@ def judge(argv):
             raise ValueError(f"{args.model} is not a reward model (no score head); train one with reward.py")
         enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
         rm.to(rt.device).eval()
-
-        def render(messages, response_ids):
-            prompt_ids = data.render_chat(enc, messages, add_generation_prompt=True)[0]
-            return fit_pair(prompt_ids, response_ids, response_ids, rm.config.block_size)[:2]
-
-        end = data.special_id(enc, "<|end|>")
         if args.command == "best-of-n":
             return best_of_n_report(args, rm, ckpt, enc, rt)
         if args.command == "score":
@@ -675,10 +672,8 @@ def judge(argv):
                         raise data.DataError(f"{where}: record has no string field 'response'")
             else:
                 records = [([{"role": "user", "content": args.prompt}], args.response, "--prompt")]
-            rows = [render(m, data.encode(enc, r) + [end]) for m, r, _ in records]
-            with torch.no_grad(), rt.autocast():
-                scores = torch.cat([score_sequences(rm, rows[i:i + 64], enc.eot_token, rt.device).float()
-                                    for i in range(0, len(rows), 64)]).tolist()
+            prompts = [data.render_chat(enc, m, add_generation_prompt=True)[0] for m, _, _ in records]
+            scores = score_answers(rm, prompts, [r for _, r, _ in records], enc, rt, 64).tolist()
             if args.data:
                 out = args.out or args.data.removesuffix(".jsonl") + ".scores.jsonl"
                 atomic_write(out, lambda f: f.write("".join(json.dumps({"score": s}) + "\n" for s in scores).encode()))
