@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import numpy as np
 import tiktoken
@@ -65,7 +66,9 @@ def checkpoint_tokenizer(ckpt):
     carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one; a Llama or Qwen2
     directory, its own byte-level BPE (hf_bpe_tokenizer)."""
     if not ckpt.get("tokenizer") and ckpt.get("hf_model_type", "gpt2") != "gpt2":
-        return hf_bpe_tokenizer(ckpt["hf_path"])
+        tok = hf_bpe_tokenizer(ckpt["hf_path"])
+        tok["chat_format"] = hf_chat_format(ckpt["hf_path"], tok["special_tokens"])
+        return tok
     return ckpt.get("tokenizer") or gpt2_tokenizer()
 
 
@@ -132,7 +135,15 @@ def hf_bpe_tokenizer(path):
 
 
 def get_encoding(tok):
-    """tiktoken.Encoding from a tokenizer dict (gpt2_tokenizer() or a checkpoint's "tokenizer")."""
+    """The encoding of a tokenizer dict (gpt2_tokenizer() or a checkpoint's "tokenizer"): a tiktoken.Encoding
+    for byte-level BPE. It carries the tokenizer's chat format, which render_chat reads (this project's
+    own unless the dict names the model's: hf_chat_format)."""
+    enc = _tiktoken_encoding(tok)
+    enc.chat_format = tok.get("chat_format") or {"name": "ours"}
+    return enc
+
+
+def _tiktoken_encoding(tok):
     ranks = {}
     for line in tok["ranks"].splitlines():
         if line:
@@ -505,21 +516,140 @@ def read_chat_records(path):
 def render_chat(enc, messages, add_generation_prompt=False):
     """The chat template, and which tokens the model learns from.
 
-    Each message becomes <|role|> content <|end|>. ids are the tokens; labels[i] = ids[i] where the
-    token belongs to an assistant reply (its content and closing <|end|>, so the model learns to stop)
-    and IGNORE_INDEX elsewhere: system and user text, and the role markers, are read, not predicted.
-    With add_generation_prompt the ids end with <|assistant|>, where a reply should begin.
+    The template is the tokenizer's chat format (chat_format): this project's own for a model that has
+    none (GPT-2, the world, a trained tokenizer): each message <|role|> content <|end|>; or the format an
+    instruct model was trained with: ChatML (Qwen, SmolLM2), Llama 3's headers, Gemma's turns. ids are
+    the tokens; labels[i] = ids[i] where the token belongs to an assistant reply (its content and the
+    token that ends the turn, so the model learns to stop) and IGNORE_INDEX elsewhere: system and user
+    text, and the role markers, are read, not predicted. With add_generation_prompt the ids end with
+    the assistant's opening marker, where a reply should begin.
+
+    Each piece of text is tokenized on its own, so a reply is the same tokens in any context (DPO and
+    PPO split prompt and reply there). Hugging Face tokenizes the template as one string: the two agree
+    (tested) except where a reply begins with a space or newline that BPE would join to the marker's
+    last character, in ChatML (Llama 3 and Gemma strip each message).
     """
-    end = special_id(enc, "<|end|>")
     ids, labels = [], []
-    for m in messages:
-        content = encode(enc, m["content"]) + [end]
-        ids += [special_id(enc, f"<|{m['role']}|>")] + content
-        labels += [IGNORE_INDEX] + (content if m["role"] == "assistant" else [IGNORE_INDEX] * len(content))
-    if add_generation_prompt:
-        ids.append(special_id(enc, "<|assistant|>"))
-        labels.append(IGNORE_INDEX)
+    for piece, learn in _template_pieces(enc.chat_format, messages, add_generation_prompt):
+        piece_ids = [special_id(enc, piece[1])] if isinstance(piece, tuple) else encode(enc, piece)
+        ids += piece_ids
+        labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
     return ids, labels
+
+
+def _template_pieces(fmt, messages, add_generation_prompt):
+    """The chat template as (piece, learned) pairs: a piece is text, or ("special", name) for a special
+    token. fmt is a tokenizer's "chat_format" dict (hf_chat_format)."""
+    name, pieces = fmt["name"], []
+    special = lambda t: (("special", t), False)  # noqa: E731
+    if name == "unsupported":
+        raise DataError(fmt["why"])
+    if name == "llama3" or (name == "gemma" and fmt.get("bos")):
+        pieces.append(special(fmt["bos"]))
+    messages, first_user_prefix = list(messages), ""
+    if name == "chatml" and fmt.get("default_system") is not None and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fmt["default_system"]})
+    if name == "llama3":  # Llama 3 strips every message; 3.1+ always open with a system turn that dates itself
+        messages = [{**m, "content": m["content"].strip()} for m in messages]
+        if fmt.get("date"):
+            system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else ""
+            date = fmt["date"] if fmt["date"] != "today" else time.strftime("%d %b %Y")  # as transformers' strftime_now
+            messages.insert(0, {"role": "system",
+                                "content": f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}"})
+    if name == "gemma" and messages and messages[0]["role"] == "system":  # Gemma has no system turn:
+        if not fmt.get("system_in_first_user"):                            # Gemma 3 prepends it to the first
+            raise DataError("this Gemma chat template has no system role (Gemma 2); drop the system message")
+        first_user_prefix = messages.pop(0)["content"] + "\n\n"
+    for i, m in enumerate(messages):
+        reply = m["role"] == "assistant"
+        if name == "ours":
+            pieces += [special(f"<|{m['role']}|>"), (m["content"], reply), (("special", "<|end|>"), reply)]
+        elif name == "chatml":
+            pieces += [special("<|im_start|>"), (m["role"] + "\n", False), (m["content"], reply),
+                       (("special", "<|im_end|>"), reply), ("\n", False)]
+        elif name == "llama3":
+            pieces += [special("<|start_header_id|>"), (m["role"], False), special("<|end_header_id|>"),
+                       ("\n\n", False), (m["content"], reply), (("special", "<|eot_id|>"), reply)]
+        elif name == "gemma":
+            pieces += [special("<start_of_turn>"), ("model\n" if reply else "user\n", False),
+                       ((first_user_prefix if i == 0 else "") + m["content"].strip(), reply),
+                       (("special", "<end_of_turn>"), reply), ("\n", False)]
+    if add_generation_prompt:
+        pieces += {"ours": [special("<|assistant|>")],
+                   "chatml": [special("<|im_start|>"), ("assistant\n", False)],
+                   "llama3": [special("<|start_header_id|>"), ("assistant", False), special("<|end_header_id|>"),
+                              ("\n\n", False)],
+                   "gemma": [special("<start_of_turn>"), ("model\n", False)]}[name]
+    return [(p, learn) for p, learn in pieces if p != ""]
+
+
+CHAT_FORMATS = {  # name: (the special tokens it needs, the one that ends a turn)
+    "ours": (CHAT_TOKENS, "<|end|>"),
+    "chatml": (["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "llama3": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "gemma": (["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+}
+
+
+def end_of_turn(enc):
+    """The id of the token that ends an assistant reply in this tokenizer's chat format: the stop token
+    of every chat generation (<|end|>, ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    fmt = enc.chat_format
+    if fmt["name"] == "unsupported":
+        raise DataError(fmt["why"])
+    return special_id(enc, CHAT_FORMATS[fmt["name"]][1])
+
+
+def chat_token_ids(enc):
+    """The ids of the chat format's special tokens (the rows LoRA fine-tuning trains too)."""
+    fmt = enc.chat_format
+    if fmt["name"] == "unsupported":
+        raise DataError(fmt["why"])
+    return [special_id(enc, t) for t in CHAT_FORMATS[fmt["name"]][0]]
+
+
+def hf_chat_format(path, specials):
+    """The chat format of a Hugging Face model directory, as a dict {"name", ...} for render_chat: read
+    from the chat_template of tokenizer_config.json (or chat_template.jinja) by the markers it writes,
+    else from the tokenizer's special tokens; "ours" when it has neither (a base model such as GPT-2).
+    No Jinja here: a template that is none of ChatML, Llama 3 and Gemma 2/3 is "unsupported", with the
+    reason render_chat gives (pretraining and plain sampling still work)."""
+    template = None
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and os.path.isfile(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    has = lambda name: all(t in specials for t in CHAT_FORMATS[name][0])  # noqa: E731
+    if template is None:
+        return {"name": next((n for n in ("chatml", "llama3", "gemma") if has(n)), "ours")}
+    where = f"{config if os.path.isfile(config) else path}: chat_template"
+    unsupported = lambda why: {"name": "unsupported", "why": f"{where}: {why}"}  # noqa: E731
+    if "<think>" in template:
+        return unsupported("a reasoning template (<think>, Qwen3) is not supported; fine-tune the base model, "
+                           "or remove chat_template to use plain ChatML")
+    nl = r"(?:\\n|\n)"  # a newline, written as \n in a Jinja string or as a real one
+    if "<|im_start|>" in template and has("chatml"):
+        default = re.search(r"<\|im_start\|>system" + nl + r"([^'\"{}<]+)<\|im_end\|>", template)
+        return {"name": "chatml", "default_system": default.group(1).replace("\\n", "\n") if default else None,
+                "source": where}
+    if "<|start_header_id|>" in template and has("llama3") and "<|begin_of_text|>" in specials:
+        date = None
+        if "Cutting Knowledge Date" in template:
+            fixed = re.search(r"date_string\s*=\s*[\"']([^\"']+)[\"']", template)
+            date = "today" if "strftime_now" in template else (fixed.group(1) if fixed else None)
+            if date is None:
+                return unsupported("a Llama 3 template whose date this renderer cannot read")
+        return {"name": "llama3", "bos": "<|begin_of_text|>", "date": date, "source": where}
+    if "<start_of_turn>" in template and has("gemma"):
+        return {"name": "gemma", "bos": "<bos>" if "<bos>" in specials and "bos_token" in template else None,
+                "system_in_first_user": "first_user_prefix" in template, "source": where}
+    return unsupported("a template this project has no renderer for (it knows ChatML, Llama 3 and "
+                       "Gemma 2/3); no Jinja is run here")
 
 
 def fit_to_length(ids, labels, max_len, policy="truncate"):
@@ -663,11 +793,15 @@ def read_preference_pairs(path):
 
 def render_pair(enc, pair):
     """(prompt_ids, chosen_ids, rejected_ids) of a pair: the prompt through the chat template, ending
-    with <|assistant|>, and each reply's tokens followed by <|end|> (so the model learns to stop).
+    with the assistant's marker, and each reply's tokens followed by the end of the turn (end_of_turn).
     prompt_ids + chosen_ids is exactly render_chat of the prompt plus the chosen assistant message."""
     prompt_ids, _ = render_chat(enc, pair["prompt"], add_generation_prompt=True)
-    end = special_id(enc, "<|end|>")
-    return prompt_ids, encode(enc, pair["chosen"]) + [end], encode(enc, pair["rejected"]) + [end]
+    n = len(prompt_ids)
+
+    def reply(text):  # the learned tokens of the conversation's last turn
+        ids, labels = render_chat(enc, pair["prompt"] + [{"role": "assistant", "content": text}])
+        return [i for i, label in zip(ids[n:], labels[n:]) if label != IGNORE_INDEX]
+    return prompt_ids, reply(pair["chosen"]), reply(pair["rejected"])
 
 
 def read_prompts(path):
@@ -954,7 +1088,7 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
     if unseen:
         questions += [unseen[i % len(unseen)].format(F=c) for i, c in enumerate(heldout + invented)]
     if chat:
-        stop = special_id(enc, "<|end|>")
+        stop = end_of_turn(enc)
         question_ids = [render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
                         for q in questions]
     else:

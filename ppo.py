@@ -303,7 +303,7 @@ def main(argv=None, reward_fn=None):
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
     config = policy.config
-    end, pad = data.special_id(enc, "<|end|>"), enc.eot_token
+    end, pad = data.end_of_turn(enc), enc.eot_token
     # π_ref: a frozen copy of the SFT model, or with LoRA the policy itself with its adapters disabled
     reference = None if args.lora_r else copy.deepcopy(policy).requires_grad_(False)
     # the value model V(s_t) [d8]: a copy of the reward model, which already reads a whole answer's worth

@@ -118,7 +118,7 @@ def fit_pair(prompt, chosen, rejected, max_len):
 def score_answers(model, prompts, answers, enc, rt, batch_size=128):
     """Scores (N,), fp32, of answer texts to prompt token lists: each answer ends with <|end|> as in
     training, each prompt is cut to fit (fit_pair), batch_size rows per forward pass."""
-    end = data.special_id(enc, "<|end|>")
+    end = data.end_of_turn(enc)
     rows = [fit_pair(p, data.encode(enc, a) + [end], [], model.config.block_size)[:2] for p, a in zip(prompts, answers)]
     with torch.no_grad(), rt.autocast():
         return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
@@ -179,7 +179,7 @@ def collect_feedback(policies, enc, prompts, annotate, k, temperature, max_new_t
     and counts. Deterministic for a seed: the samples come from a generator seeded with it, the flips from
     a second one, so noise changes labels, never answers.
     """
-    end = data.special_id(enc, "<|end|>")
+    end = data.end_of_turn(enc)
     ids = [data.render_chat(enc, m, add_generation_prompt=True)[0] for m in prompts]
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     flip = random.Random(seed + 1)
@@ -513,7 +513,7 @@ def main(argv=None):
         policy.to(rt.device).eval()
         prompts = [g["prompt"] for g in train_groups[:args.offset_prompts] for _ in range(4)]  # 4 samples each
         generator = torch.Generator(device=rt.device).manual_seed(args.seed + 2)
-        replies = data.generate_replies(policy, enc, prompts, data.special_id(enc, "<|end|>"), rt.device, rt.autocast,
+        replies = data.generate_replies(policy, enc, prompts, data.end_of_turn(enc), rt.device, rt.autocast,
                                         64, args.max_new_tokens, args.temperature, generator)
         model.eval()
         scores = score_answers(model, prompts, [text.strip() for text, _ in replies], enc, rt)
@@ -532,7 +532,7 @@ def main(argv=None):
 
 def generate_answers(model, enc, prompts, rt, max_new_tokens=32, batch_size=64):
     """Greedy replies (token ids, each ending with <|end|> if it came) to prompt token lists, batched."""
-    end, answers = data.special_id(enc, "<|end|>"), []
+    end, answers = data.end_of_turn(enc), []
     for i in range(0, len(prompts), batch_size):
         idx, pad_mask = data.left_pad(prompts[i:i + batch_size], end)
         with torch.no_grad(), rt.autocast():
@@ -579,7 +579,7 @@ def best_of_n_report(args, rm, ckpt, enc, rt):
     if data.checkpoint_tokenizer(pckpt) != data.checkpoint_tokenizer(ckpt):
         raise ValueError(f"{args.policy} uses another tokenizer than the reward model {args.model}")
     policy.to(rt.device).eval()
-    end = data.special_id(enc, "<|end|>")
+    end = data.end_of_turn(enc)
     prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
     generator = torch.Generator(device=rt.device).manual_seed(args.seed)
     repeated = [p for p in prompt_ids for _ in range(args.n)]                 # N samples of each question

@@ -3,18 +3,22 @@ Sampling: continue a prompt with a trained model, streaming tokens to the termin
 
 The guide's last step, using the model: the decoder predicts a distribution over the next token,
 we draw one (greedy, temperature, top-k, top-p), append it and repeat (model.GPT.generate, with a
-KV cache). Works with any checkpoint of this project and with a Hugging Face GPT-2 directory.
+KV cache). Works with any checkpoint of this project and with a Hugging Face model directory.
 
-Reads: --init-from OUT_DIR (holding ckpt.pt), a ckpt.pt file, or a HF GPT-2 directory
-       (config.json + model.safetensors / pytorch_model.bin).
+Reads: --init-from OUT_DIR (holding ckpt.pt), a ckpt.pt file, or a Hugging Face directory (config.json,
+       model.safetensors or pytorch_model.bin, and its tokenizer files) of a family model.py loads.
 
-A checkpoint from instruction tuning (sft.py and later stages) is a chat model: --prompt is then sent
-as one user turn in the training chat template (data.render_chat), and --chat holds a conversation.
+A checkpoint from instruction tuning (sft.py and later stages), or a Hugging Face directory whose tokenizer
+has a chat template (an instruct model), is a chat model: --prompt is then sent as one user turn in its
+chat template (data.render_chat: ours, or the model's own), and --chat holds a conversation.
+The guide's two examples (weights downloaded beforehand; nothing is fetched here):
+
+  python sample.py --init-from ~/models/gpt2 --prompt "The capital of France is" --greedy
+  python sample.py --init-from ~/models/gemma-2-2b-it --prompt "What is the capital of France?" --greedy
 --eval scores the model on the tiny world's capitals instead (data.evaluate_world) and writes the
 metrics to eval.json next to the checkpoint.
 
   python sample.py --init-from out/pretrain --prompt "ROMEO:"
-  python sample.py --init-from ~/models/gpt2 --prompt "The capital of France is" --greedy
   echo "Once upon a time" | python sample.py --init-from out/pretrain --prompt - --num-samples 3
   python sample.py --init-from out/sft --chat
   python sample.py --init-from out/sft --eval
@@ -36,7 +40,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # I/O
-    p.add_argument("--init-from", default="out/pretrain", help="checkpoint directory or file, or a Hugging Face GPT-2 directory")
+    p.add_argument("--init-from", default="out/pretrain", help="checkpoint directory or file, or a Hugging Face model directory")
     p.add_argument("--prompt", default="\n", help="text to continue; '-' reads it from standard input")
     p.add_argument("--prompt-file", default="", help="read the prompt from this file instead")
     p.add_argument("--chat", action="store_true", help="a multi-turn conversation on the terminal (chat models; /exit to quit)")
@@ -99,7 +103,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.to(rt.device).eval()
     enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
-    is_chat = ckpt.get("chat", False)
+    is_chat = ckpt.get("chat", False) or "source" in enc.chat_format  # ours, or a HF model's chat template
     temperature = 0.0 if args.greedy else args.temperature
     if args.chat and not is_chat:
         sys.exit(f"error: {args.init_from} is not a chat model (train one with sft.py)")
@@ -126,13 +130,13 @@ def main(argv=None):
             ids, _ = data.render_chat(enc, messages, add_generation_prompt=True)
             print("assistant> ", end="", flush=True)
             with rt.autocast():
-                replies.append(stream_reply(model, enc, ids, args, temperature, data.special_id(enc, "<|end|>")))
+                replies.append(stream_reply(model, enc, ids, args, temperature, data.end_of_turn(enc)))
             messages.append({"role": "assistant", "content": replies[-1]})
         return replies
 
-    if is_chat:  # one user turn; the reply ends at <|end|>
+    if is_chat:  # one user turn; the reply ends at the end of the turn (<|end|>, <|im_end|>, ...)
         ids, _ = data.render_chat(enc, system + [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stop = data.special_id(enc, "<|end|>")
+        stop = data.end_of_turn(enc)
     else:        # plain continuation; an empty prompt starts a new document
         ids, stop = data.encode(enc, prompt) or [enc.eot_token], enc.eot_token
     if args.ignore_eot:

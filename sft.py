@@ -117,10 +117,10 @@ def main(argv=None):
         sys.exit(f"error: --init-from: {e}")
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
-    try:
-        chat_ids = [data.special_id(enc, t) for t in data.CHAT_TOKENS]
-    except data.DataError:
-        sys.exit(f"error: the tokenizer of {args.init_from} has no chat tokens {data.CHAT_TOKENS}")
+    try:  # the chat format's special tokens: ours, or the instruct model's own (data.render_chat)
+        chat_ids = data.chat_token_ids(enc)
+    except data.DataError as e:
+        sys.exit(f"error: the tokenizer of {args.init_from}: {e}")
     fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded, before any change
     if args.lora_r and resume:  # the adapter of the interrupted run goes back onto the same base
         load_lora(model, resume["adapter"])
@@ -204,7 +204,7 @@ def main(argv=None):
                    for p in EVAL_PROMPTS]
         idx, pad_mask = data.left_pad(prompts, pad)
         with rt.autocast():
-            out = model.generate(idx.to(rt.device), 48, temperature=0, stop_token=data.special_id(enc, "<|end|>"),
+            out = model.generate(idx.to(rt.device), 48, temperature=0, stop_token=data.end_of_turn(enc),
                                  pad_mask=pad_mask.to(rt.device))
         answers = [data.decode(enc, [t for t in row[idx.size(1):].tolist() if t < enc.eot_token]) for row in out]
         model.train()
