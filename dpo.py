@@ -46,7 +46,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
+    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
     set_rng_state, setup_runtime, training_state
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
              loss_type="sigmoid", label_smoothing=0.0):
@@ -97,31 +97,31 @@ def get_args(argv=None):
     p.add_argument("--world", default="", help="the world whose evaluation runs at the end ('' = the one --data belongs to, if any)")
     p.add_argument("--out", default="out/dpo", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out for the metrics")
+    p.add_argument("--val-fraction", type=in_range(float, 0, 1, open_high=True), default=0.1, help="share of pairs held out for the metrics")
     # DPO
     p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO's −log σ(βh), or IPO's (h − 1/2β)²")
-    p.add_argument("--beta", type=float, default=0.1, help="β: how far the policy may move from π_ref (0.1-0.5 typical)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="ε of conservative DPO: assumed share of flipped labels (0 = off)")
-    p.add_argument("--sft-coef", type=float, default=1.0,
+    p.add_argument("--beta", type=in_range(float, 0, open_low=True), default=0.1, help="β: how far the policy may move from π_ref (0.1-0.5 typical)")
+    p.add_argument("--label-smoothing", type=in_range(float, 0, 0.5, open_high=True), default=0.0, help="ε of conservative DPO: assumed share of flipped labels (0 = off)")
+    p.add_argument("--sft-coef", type=in_range(float, 0), default=1.0,
                    help="α of an added NLL term on the chosen answers, α·(−log π(y_w|x))/|y_w| (RPO, Pang et al. 2024; 0 = pure DPO)")
     p.add_argument("--ref", default="cached", choices=["cached", "lora"],
                    help="π_ref's log-probs: cached once before training, or on the fly with LoRA adapters disabled")
     # LoRA (--lora-r 0 = full fine-tuning)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (0 = full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
+    p.add_argument("--lora-r", type=in_range(int, 0), default=0, help="LoRA rank r (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-dropout", type=in_range(float, 0, 1, open_high=True), default=0.0, help="dropout on the LoRA path's input")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
-    p.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, default=150, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per step (2x sequences per forward pass)")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 2e-5 full, 5e-4 LoRA)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--lr", type=in_range(float, 0), default=0.0, help="peak learning rate (0 = 2e-5 full, 5e-4 LoRA)")
+    p.add_argument("--warmup-steps", type=in_range(int, 0), default=10, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=in_range(float, 0), default=0.0, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=in_range(float, 0), default=1.0, help="clip the global gradient norm (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out metrics and checkpoints")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
@@ -282,7 +282,7 @@ def main(argv=None):
     t_last = time.perf_counter()
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="dpo", dynamic_ncols=True) as bar:
         while True:
-            last = step == args.max_steps
+            last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
             if step % args.eval_every == 0 or last:
                 metrics.update(evaluate())
                 first_val = metrics["val/chosen_logp"] if first_val is None else first_val

@@ -938,8 +938,8 @@ def check_finite(loss, step, ckpt_path):
     """Stop the run with a one-line error when the loss is NaN or inf: the steps after it would only
     spoil the weights, and the last checkpoint written is still good."""
     if not math.isfinite(loss):
-        sys.exit(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint is {ckpt_path} "
-                 f"(try a lower --lr or --dtype float32)")
+        saved = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        sys.exit(f"error: loss is {loss} at step {step}; stopping: {saved} (try a lower --lr or --dtype float32)")
 
 
 def append_jsonl(path, record):
@@ -971,6 +971,25 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def in_range(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a number of `kind` (int or float) in an interval, so that an inverted or meaningless
+    setting (a temperature of -1, a DPO β below 0, a validation share of 1.5) stops at the command line
+    with a one-line error instead of running. in_range(float, 0, 1, open_high=True) is [0, 1)."""
+    import argparse
+    interval = f"{'(' if open_low or low == -math.inf else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not (low < value if open_low else low <= value) or not (value < high if open_high else value <= high):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")  # NaN fails both comparisons
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def resume_args(args, saved_args, names, log=print, warn=()):

@@ -57,7 +57,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, last_token, \
-    load_checkpoint, load_model, masked_mean, masked_whiten, optimizer_step, positive_int, restore_training_state, \
+    load_checkpoint, load_model, masked_mean, masked_whiten, in_range, optimizer_step, positive_int, restore_training_state, \
     resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
@@ -215,43 +215,43 @@ def get_args(argv=None):
     # the algorithm
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo"],
                    help="PPO with a value model and GAE, or critic-free: GRPO's or RLOO's group baseline")
-    p.add_argument("--group-size", type=int, default=0, help="samples per prompt K (0 = 1 for ppo, 4 for grpo/rloo)")
+    p.add_argument("--group-size", type=in_range(int, 0), default=0, help="samples per prompt K (0 = 1 for ppo, 4 for grpo/rloo)")
     p.add_argument("--no-std-scale", action="store_true", help="grpo: advantages r − mean, not divided by the std (Dr. GRPO)")
     p.add_argument("--loss-average", default="token", choices=["token", "sequence"],
                    help="mean over all response tokens of the batch, or per response then over responses (GRPO's)")
     # rollouts
     p.add_argument("--batch-size", type=positive_int, default=32, help="responses per rollout batch (one step)")
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest response")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (no top-k/top-p) [d2]")
+    p.add_argument("--temperature", type=in_range(float, 0, open_low=True), default=1.0, help="sampling temperature (no top-k/top-p) [d2]")
     p.add_argument("--missing-end-penalty", type=lambda v: None if v == "none" else float(v), default=-1.0,
                    help="the score of a response that never wrote <|end|> ('none' = keep its score) [d5]")
     # rewards and advantages
-    p.add_argument("--kl-coef", type=float, default=0.2,
+    p.add_argument("--kl-coef", type=in_range(float, 0), default=0.2,
                    help="β: the KL penalty per token, in the reward (ppo; the start value if adaptive) or the loss "
                         "(grpo/rloo, k3); reward.py scales the SFT answers' scores to std 1, so β is in those units")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate [d7]")
-    p.add_argument("--target-kl", type=float, default=0.0, help="adapt β towards this KL per response (0 = β fixed) [d12]")
-    p.add_argument("--gamma", type=float, default=1.0, help="γ: discount over response tokens")
-    p.add_argument("--lam", type=float, default=0.95, help="λ of GAE: bias (0) against variance (1)")
+    p.add_argument("--target-kl", type=in_range(float, 0), default=0.0, help="adapt β towards this KL per response (0 = β fixed) [d12]")
+    p.add_argument("--gamma", type=in_range(float, 0, 1), default=1.0, help="γ: discount over response tokens")
+    p.add_argument("--lam", type=in_range(float, 0, 1), default=0.95, help="λ of GAE: bias (0) against variance (1)")
     # PPO
     p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch [d11]")
     p.add_argument("--minibatches", type=positive_int, default=2, help="minibatches per pass")
-    p.add_argument("--clip-range", type=float, default=0.2, help="ε of the policy's ratio clip")
-    p.add_argument("--value-clip-range", type=float, default=0.2, help="ε of the value clip")
+    p.add_argument("--clip-range", type=in_range(float, 0, open_low=True), default=0.2, help="ε of the policy's ratio clip")
+    p.add_argument("--value-clip-range", type=in_range(float, 0), default=0.2, help="ε of the value clip")
     # LoRA (--lora-r 0 = full fine-tuning)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r for policy and value model (0 = full)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-r", type=in_range(int, 0), default=0, help="LoRA rank r for policy and value model (0 = full)")
+    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: the update is scaled by α/r")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
-    p.add_argument("--max-steps", type=int, default=100, help="PPO steps (rollout batches)")
-    p.add_argument("--lr", type=float, default=0.0, help="policy learning rate (0 = 2e-5 full, 3e-4 LoRA)")
-    p.add_argument("--value-lr", type=float, default=0.0, help="value model learning rate (0 = 5x the policy's)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's gradient norm (0 = off)")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="PPO steps (rollout batches)")
+    p.add_argument("--lr", type=in_range(float, 0), default=0.0, help="policy learning rate (0 = 2e-5 full, 3e-4 LoRA)")
+    p.add_argument("--value-lr", type=in_range(float, 0), default=0.0, help="value model learning rate (0 = 5x the policy's)")
+    p.add_argument("--warmup-steps", type=in_range(int, 0), default=5, help="linear warmup steps")
+    p.add_argument("--grad-clip", type=in_range(float, 0), default=1.0, help="clip each model's gradient norm (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=25, help="steps between world metrics and checkpoints")
     p.add_argument("--log-every", type=positive_int, default=5, help="steps between log lines")
-    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
@@ -442,7 +442,7 @@ def main(argv=None, reward_fn=None):
     stopped_early = False
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True) as bar:
         while True:
-            if step == args.max_steps:
+            if step >= args.max_steps:  # >=: a --resume past --max-steps ends too
                 checkpoint()
                 break
             if step % args.eval_every == 0:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from data import CHAT_TOKENS, DATA_DIR, EOT, DataError, get_encoding, gpt2_tokenizer, iter_documents, list_input_files, \
     load_tokenizer, model_vocab_size, save_tokenizer
-from model import atomic_write
+from model import atomic_write, in_range, positive_int
 
 
 # -----------------------------------------------------------------------------
@@ -1004,45 +1004,45 @@ def get_args(argv=None):
     q.add_argument("--nfkc", action="store_true", help="NFKC instead of NFC: also fold full-width forms, ligatures, x² -> x2")
     # 3. filter (Gopher's thresholds; see quality_filter)
     q.add_argument("--no-filter", action="store_true", help="skip step 3")
-    q.add_argument("--min-words", type=int, default=FILTER_DEFAULTS["min_words"], help="drop documents with fewer words")
-    q.add_argument("--max-words", type=int, default=FILTER_DEFAULTS["max_words"], help="drop documents with more words (0 = no limit)")
-    q.add_argument("--min-mean-word-length", type=float, default=FILTER_DEFAULTS["min_mean_word_length"], help="characters")
-    q.add_argument("--max-mean-word-length", type=float, default=FILTER_DEFAULTS["max_mean_word_length"], help="characters")
-    q.add_argument("--min-alpha-words", type=float, default=FILTER_DEFAULTS["min_alpha_words"], help="share of words that must hold a letter")
-    q.add_argument("--max-repeated-lines", type=float, default=FILTER_DEFAULTS["max_repeated_lines"], help="share of characters in repeated lines (1 = off)")
-    q.add_argument("--max-repeated-ngrams", type=float, default=FILTER_DEFAULTS["max_repeated_ngrams"], help="share of characters in repeated word 5-grams (1 = off)")
+    q.add_argument("--min-words", type=in_range(int, 0), default=FILTER_DEFAULTS["min_words"], help="drop documents with fewer words")
+    q.add_argument("--max-words", type=positive_int, default=FILTER_DEFAULTS["max_words"], help="drop documents with more words (0 = no limit)")
+    q.add_argument("--min-mean-word-length", type=in_range(float, 0), default=FILTER_DEFAULTS["min_mean_word_length"], help="characters")
+    q.add_argument("--max-mean-word-length", type=in_range(float, 0, open_low=True), default=FILTER_DEFAULTS["max_mean_word_length"], help="characters")
+    q.add_argument("--min-alpha-words", type=in_range(float, 0, 1), default=FILTER_DEFAULTS["min_alpha_words"], help="share of words that must hold a letter")
+    q.add_argument("--max-repeated-lines", type=in_range(float, 0, 1), default=FILTER_DEFAULTS["max_repeated_lines"], help="share of characters in repeated lines (1 = off)")
+    q.add_argument("--max-repeated-ngrams", type=in_range(float, 0, 1), default=FILTER_DEFAULTS["max_repeated_ngrams"], help="share of characters in repeated word 5-grams (1 = off)")
     # 4. dedup
     q.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
     q.add_argument("--no-near-dedup", action="store_true", help="keep near-duplicates")
-    q.add_argument("--jaccard", type=float, default=0.8, help="near-duplicate threshold on the Jaccard similarity of word shingles")
-    q.add_argument("--num-perm", type=int, default=128, help="MinHash signature length (the bands and rows follow, see lsh_bands)")
-    q.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    q.add_argument("--jaccard", type=in_range(float, 0, 1, open_low=True), default=0.8, help="near-duplicate threshold on the Jaccard similarity of word shingles")
+    q.add_argument("--num-perm", type=positive_int, default=128, help="MinHash signature length (the bands and rows follow, see lsh_bands)")
+    q.add_argument("--shingle", type=positive_int, default=5, help="words per shingle")
     # 5-6. tokenizer and shards
     q.add_argument("--tokenizer", default="gpt2", help="gpt2, train (a BPE trained on the cleaned text), or a tokenizer.json / checkpoint")
-    q.add_argument("--vocab-size", type=int, default=4096, help="with --tokenizer train: ids in all, 5 special tokens included")
-    q.add_argument("--tokenizer-mb", type=float, default=100, help="with --tokenizer train: train on the first N MB of cleaned text")
-    q.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
-    q.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (1 = all in this process)")
+    q.add_argument("--vocab-size", type=positive_int, default=4096, help="with --tokenizer train: ids in all, 5 special tokens included")
+    q.add_argument("--tokenizer-mb", type=in_range(float, 0, open_low=True), default=100, help="with --tokenizer train: train on the first N MB of cleaned text")
+    q.add_argument("--val-fraction", type=in_range(float, 0, 1, open_high=True), default=0.1, help="share of documents held out for validation")
+    q.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file")
+    q.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (1 = all in this process)")
 
     t = sub.add_parser("train-tokenizer", parents=[reading], formatter_class=fmt,
                        help="step 5 alone: train a byte-level BPE on files as they are")
     t.add_argument("--out", required=True, help="tokenizer file to write (.json; the ranks go next to it as .tiktoken)")
-    t.add_argument("--vocab-size", type=int, default=4096, help="ids in all, 5 special tokens included")
+    t.add_argument("--vocab-size", type=positive_int, default=4096, help="ids in all, 5 special tokens included")
 
     w = sub.add_parser("world", formatter_class=fmt, help="the tiny world: pretraining, instruction, preference "
                        "and evaluation data about countries, and its tokenizer (same seed, same bytes)")
     w.add_argument("--out", default=os.path.join(DATA_DIR, "world"), help="output directory")
     w.add_argument("--countries", default=os.path.join(DATA_DIR, "world", "countries.tsv"), help="country table")
-    w.add_argument("--n-countries", type=int, default=0, help="use only the first N countries (0 = all; tests use few)")
-    w.add_argument("--heldout", type=int, default=40, help="real countries held out of instruction and preference data")
-    w.add_argument("--invented", type=int, default=40, help="invented countries for evaluation only")
-    w.add_argument("--pref-invented", type=int, default=120, help="invented countries in the preference data")
-    w.add_argument("--sft-declines", type=int, default=2, help="refusals of invented countries in the instruction data")
-    w.add_argument("--statements", type=int, default=60, help="fact sentences per country in the pretraining text")
+    w.add_argument("--n-countries", type=in_range(int, 0), default=0, help="use only the first N countries (0 = all; tests use few)")
+    w.add_argument("--heldout", type=in_range(int, 0), default=40, help="real countries held out of instruction and preference data")
+    w.add_argument("--invented", type=in_range(int, 0), default=40, help="invented countries for evaluation only")
+    w.add_argument("--pref-invented", type=in_range(int, 0), default=120, help="invented countries in the preference data")
+    w.add_argument("--sft-declines", type=in_range(int, 0), default=2, help="refusals of invented countries in the instruction data")
+    w.add_argument("--statements", type=in_range(int, 0), default=60, help="fact sentences per country in the pretraining text")
     w.add_argument("--stories", default=os.path.join(DATA_DIR, "tinystories_valid_head.txt"), help="stories to mix in")
-    w.add_argument("--stories-docs", type=int, default=1000, help="story paragraphs mixed into pretraining (0 = none)")
-    w.add_argument("--vocab-size", type=int, default=4096, help="ids of the trained tokenizer, special tokens included")
+    w.add_argument("--stories-docs", type=in_range(int, 0), default=1000, help="story paragraphs mixed into pretraining (0 = none)")
+    w.add_argument("--vocab-size", type=positive_int, default=4096, help="ids of the trained tokenizer, special tokens included")
     w.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
     d = sub.add_parser("download", formatter_class=fmt, help="step 1: fetch a public corpus (resumable, checksummed)")

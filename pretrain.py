@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, peak_flops, positive_int, restore_training_state, resume_args, \
+    load_checkpoint, load_model, optimizer_step, peak_flops, in_range, positive_int, restore_training_state, resume_args, \
     save_checkpoint, set_rng_state, setup_runtime, training_state
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
@@ -52,31 +52,31 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/pretrain", help="output directory for ckpt.pt, log.jsonl and the token cache")
     p.add_argument("--init-from", default="", help="checkpoint or Hugging Face GPT-2 directory to start from ('' = random init)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the token stream held out for validation (raw text only)")
+    p.add_argument("--val-fraction", type=in_range(float, 0, 1, open_high=True), default=0.1, help="share of the token stream held out for validation (raw text only)")
     # model (ignored with --init-from or --resume: the checkpoint's config is used)
     p.add_argument("--family", default="modern", choices=list(FAMILIES), help="gpt2: learned positions, LayerNorm, GELU; modern: RoPE, RMSNorm, SwiGLU")
-    p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
-    p.add_argument("--n-head", type=int, default=4, help="attention heads (H)")
-    p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for grouped-query attention (0 = n_head)")
-    p.add_argument("--n-embd", type=int, default=256, help="width C; head size D = C / H")
-    p.add_argument("--block-size", type=int, default=128, help="context length T in tokens")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 = off)")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="Transformer blocks")
+    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads (H)")
+    p.add_argument("--n-kv-head", type=in_range(int, 0), default=0, help="key/value heads for grouped-query attention (0 = n_head)")
+    p.add_argument("--n-embd", type=positive_int, default=256, help="width C; head size D = C / H")
+    p.add_argument("--block-size", type=positive_int, default=128, help="context length T in tokens")
+    p.add_argument("--dropout", type=in_range(float, 0, 1, open_high=True), default=0.0, help="dropout probability (0 = off)")
     # optimization
-    p.add_argument("--max-steps", type=int, default=800, help="optimizer steps; the learning-rate schedule ends here")
+    p.add_argument("--max-steps", type=positive_int, default=800, help="optimizer steps; the learning-rate schedule ends here")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch, per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches summed into one optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (small models tolerate 1e-3..3e-3; GPT-2 124M: 6e-4)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches summed into one optimizer step")
+    p.add_argument("--lr", type=in_range(float, 0, open_low=True), default=2e-3, help="peak learning rate (small models tolerate 1e-3..3e-3; GPT-2 124M: 6e-4)")
+    p.add_argument("--warmup-steps", type=in_range(int, 0), default=50, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=in_range(float, 0), default=0.0,
                    help="AdamW decoupled weight decay on matrices (GPT-2/3 used 0.1; on the world it kept the "
                         "capitals from being memorised)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    p.add_argument("--grad-clip", type=in_range(float, 0), default=1.0, help="clip the global gradient norm to this (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=200, help="steps between validation runs and checkpoints")
-    p.add_argument("--eval-batches", type=int, default=10, help="validation batches per evaluation")
+    p.add_argument("--eval-batches", type=positive_int, default=10, help="validation batches per evaluation")
     p.add_argument("--log-every", type=positive_int, default=25, help="steps between log lines")
     p.add_argument("--sample-prompt", default="The capital of France is", help="prompt for the sample printed at each evaluation")
-    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step, as if interrupted (-1 = off)")
+    p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step, as if interrupted (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -200,7 +200,7 @@ def main(argv=None):
     t_last = time.perf_counter()
     with GracefulStop(log) as stop, bar:  # Ctrl-C / SIGTERM: finish the step, save, exit
         while True:
-            last = step == args.max_steps
+            last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
             if step % args.eval_every == 0 or last:
                 val_loss, val_bpb, sample = evaluate()
                 metrics.update({"val/loss": val_loss, "val/bpb": val_bpb})

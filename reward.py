@@ -69,7 +69,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora
 from model import GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, last_token, \
-    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
+    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
     set_rng_state, setup_runtime, training_state
 
 
@@ -246,7 +246,7 @@ def get_args(argv=None):
                         "given alone, nothing is collected")
     p.add_argument("--out", default="out/reward", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for accuracy")
+    p.add_argument("--val-fraction", type=in_range(float, 0, 1, open_high=True), default=0.1, help="share of prompts held out for accuracy")
     # feedback on the policy's own answers (step 1)
     p.add_argument("--collect-from", nargs="*", default=None,
                    help="the policies whose answers are ranked together (default: --init-from, unless --data is given; "
@@ -255,30 +255,30 @@ def get_args(argv=None):
                    help="prompts to collect answers to (.jsonl, any format ppo.py reads)")
     p.add_argument("--annotator", default="world", help="'world' (data.world_annotator) or FILE.py:FUNCTION ranking answers")
     p.add_argument("--samples-per-prompt", type=positive_int, default=4, help="K answers ranked per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the collected answers")
+    p.add_argument("--temperature", type=in_range(float, 0), default=1.0, help="sampling temperature of the collected answers")
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest collected answer")
-    p.add_argument("--label-noise", type=float, default=0.0, help="share of comparisons flipped (annotator disagreement; 0-0.5)")
+    p.add_argument("--label-noise", type=in_range(float, 0, 1), default=0.0, help="share of comparisons flipped (annotator disagreement; 0-0.5)")
     # LoRA (--lora-r 0 = the whole body trains)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (0 = full fine-tuning); the score head always trains")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
+    p.add_argument("--lora-r", type=in_range(int, 0), default=0, help="LoRA rank r (0 = full fine-tuning); the score head always trains")
+    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-dropout", type=in_range(float, 0, 1, open_high=True), default=0.0, help="dropout on the LoRA path's input")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per step, each with all its comparisons")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--lr", type=in_range(float, 0), default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
+    p.add_argument("--warmup-steps", type=in_range(int, 0), default=10, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=in_range(float, 0), default=0.0, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=in_range(float, 0), default=1.0, help="clip the global gradient norm (0 = off)")
     # the loss
-    p.add_argument("--margin", type=float, default=0.0, help="m in −log σ(r_w − r_l − m) (0 = the plain Bradley-Terry loss)")
-    p.add_argument("--center-coef", type=float, default=0.0, help="c of the reward-centering penalty c·(r_w + r_l)² (0 = off)")
-    p.add_argument("--offset-prompts", type=int, default=128,
+    p.add_argument("--margin", type=in_range(float, 0), default=0.0, help="m in −log σ(r_w − r_l − m) (0 = the plain Bradley-Terry loss)")
+    p.add_argument("--center-coef", type=in_range(float, 0), default=0.0, help="c of the reward-centering penalty c·(r_w + r_l)² (0 = off)")
+    p.add_argument("--offset-prompts", type=positive_int, default=128,
                    help="training prompts the SFT model answers (4 samples each) to set the score's mean 0 and std 1 (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out accuracy and checkpoints")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
@@ -462,7 +462,7 @@ def main(argv=None):
     t_last = time.perf_counter()
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="reward", dynamic_ncols=True) as bar:
         while True:
-            last = step == args.max_steps
+            last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
             if step % args.eval_every == 0 or last:
                 metrics.update(evaluate())
                 log(f"step {step}/{args.max_steps} | held-out accuracy {metrics['rm/accuracy']:.1%} | margin "
@@ -634,14 +634,14 @@ def get_judge_args(argv):
     c.add_argument("--a", required=True, help="checkpoint A (e.g. out/dpo)")
     c.add_argument("--b", required=True, help="checkpoint B (e.g. out/sft)")
     c.add_argument("--prompts", default="", help="prompts .jsonl (any read_prompts format; '' = the world's held-out questions)")
-    c.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
+    c.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per answer")
     b = sub.add_parser("best-of-n", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="sample N answers per held-out question, keep the reward model's favourite, check the truth")
     b.add_argument("--policy", default="out/sft", help="the policy that samples the answers")
     b.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="the world whose held-out questions are asked")
     b.add_argument("--prompts", default="", help="ask these prompts instead (.jsonl, e.g. the training prompts; '' = the held-out questions)")
     b.add_argument("--n", type=positive_int, default=16, help="samples per question N; picks are reported for n = 1, 2, 4, ..., N")
-    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    b.add_argument("--temperature", type=in_range(float, 0), default=1.0, help="sampling temperature")
     b.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens per answer")
     b.add_argument("--out", default="", help="results .json ('' = MODEL/best_of_n.json, or best_of_n_train.json with --prompts)")
     b.add_argument("--seed", type=int, default=1337, help="seed for sampling")

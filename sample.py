@@ -33,7 +33,7 @@ import sys
 import torch
 
 import data
-from model import atomic_write, load_model, setup_runtime
+from model import atomic_write, in_range, load_model, positive_int, setup_runtime
 
 
 def get_args(argv=None):
@@ -50,11 +50,11 @@ def get_args(argv=None):
                    "answer, abstention, over-refusal, format) and write eval.json next to the checkpoint")
     p.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="world directory holding world.json")
     # sampling
-    p.add_argument("--num-samples", type=int, default=1, help="independent continuations of the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="divides the logits: <1 sharper, >1 flatter, 0 = greedy")
-    p.add_argument("--top-k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this total probability (1 = off)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="independent continuations of the prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=in_range(float, 0), default=0.8, help="divides the logits: <1 sharper, >1 flatter, 0 = greedy")
+    p.add_argument("--top-k", type=in_range(int, 0), default=200, help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=in_range(float, 0, 1, open_low=True), default=1.0, help="nucleus sampling: smallest set with this total probability (1 = off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (same as --temperature 0)")
     p.add_argument("--ignore-eot", action="store_true", help="keep going after <|endoftext|> instead of stopping")
     # system

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
+    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
     set_rng_state, setup_runtime, training_state
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
 # France, Japan and Italy are held out of the world's instruction data; Atlantis is in no data at all.
@@ -64,29 +64,29 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     p.add_argument("--export-hf", action="store_true", help="also write OUT/hf in Hugging Face format (GPT-2, or Llama for the modern family)")
     # data
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out for the validation loss")
-    p.add_argument("--max-len", type=int, default=0, help="longest example in tokens (0 = the model's block_size)")
+    p.add_argument("--val-fraction", type=in_range(float, 0, 1, open_high=True), default=0.05, help="share of examples held out for the validation loss")
+    p.add_argument("--max-len", type=in_range(int, 0), default=0, help="longest example in tokens (0 = the model's block_size)")
     p.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
                    help="too-long examples: cut the prompt from the left keeping the last reply, or drop them")
     p.add_argument("--pack", action="store_true", help="pack several examples into each block_size row instead of padding")
     # LoRA (--lora-r 0 = full fine-tuning)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank r (typical 4..64; 0 = full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA α: the update is scaled by α/r")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA path's input")
+    p.add_argument("--lora-r", type=in_range(int, 0), default=0, help="LoRA rank r (typical 4..64; 0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-dropout", type=in_range(float, 0, 1, open_high=True), default=0.05, help="dropout on the LoRA path's input")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS),
                    help="module name suffixes to adapt: attn.qkv attn.proj mlp.fc mlp.proj")
     # optimization
-    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples (or packed rows) per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
-    p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=in_range(float, 0), default=0.0, help="peak learning rate (0 = 1e-4 full, 1e-3 LoRA)")
+    p.add_argument("--warmup-steps", type=in_range(int, 0), default=20, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=in_range(float, 0), default=0.0, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=in_range(float, 0), default=1.0, help="clip the global gradient norm (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=100, help="steps between validation, sample answers and checkpoints")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    p.add_argument("--stop-at", type=int, default=-1, help="save and exit after this step (-1 = off)")
+    p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 or fp16 on GPUs, bf16 on CPUs with native bf16, else fp32 (model.setup_runtime)")
@@ -219,7 +219,7 @@ def main(argv=None):
     t_last = time.perf_counter()
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="sft", dynamic_ncols=True) as bar:
         while True:
-            last = step == args.max_steps
+            last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
             if step % args.eval_every == 0 or last:
                 val_loss, answers = evaluate()
                 metrics["val/loss"] = val_loss

@@ -1,0 +1,52 @@
+"""
+Correctness at the edges (issue 20): settings that would run silently wrong or never end are refused at
+the command line with a one-line error; a loop stops at --max-steps even when resumed past it; a NaN
+before the first checkpoint does not name a checkpoint that was never written.
+
+  python -m pytest tests/test_edges.py
+"""
+
+import importlib
+
+import pytest
+
+from test_scripts import text_file, tiny_args  # noqa: F401  (the fixture)
+import pretrain
+
+BAD_FLAGS = [
+    ("sample", ["--temperature", "-1"]), ("sample", ["--top-p", "2"]), ("sample", ["--top-p", "0"]),
+    ("sample", ["--top-k", "-1"]), ("dpo", ["--beta", "-1"]), ("dpo", ["--beta", "0"]),
+    ("pretrain", ["--val-fraction", "1.5"]), ("sft", ["--val-fraction", "1"]), ("pretrain", ["--n-embd", "0"]),
+    ("pretrain", ["--max-steps", "-1"]), ("sft", ["--max-steps", "0"]), ("ppo", ["--max-steps", "-1"]),
+    ("pretrain", ["--lr", "-1"]), ("pretrain", ["--grad-accum", "0"]), ("pretrain", ["--eval-batches", "0"]),
+    ("pretrain", ["--dropout", "2"]), ("sft", ["--lora-r", "-1"]), ("reward", ["--label-noise", "1.5"]),
+    ("ppo", ["--temperature", "0"]), ("ppo", ["--gamma", "1.1"]), ("pretrain", ["--lr", "nan"]),
+    ("prepare", ["prepare", "in", "--shard-tokens", "0"]), ("prepare", ["prepare", "in", "--num-perm", "0"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", BAD_FLAGS, ids=[f"{s} {' '.join(a)}" for s, a in BAD_FLAGS])
+def test_meaningless_settings_are_refused_at_the_command_line(script, argv, capsys):
+    module = importlib.import_module(script)
+    parse = module.get_args if hasattr(module, "get_args") else module.parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2  # argparse's usage error, not a traceback
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[-2] in err and ("must be" in err or "at least" in err), err
+
+
+def test_a_resume_past_max_steps_ends_instead_of_training_forever(text_file, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(text_file, out, "--max-steps", "4"))
+    metrics = pretrain.main(tiny_args(text_file, out, "--max-steps", "2", "--resume"))
+    assert metrics["step"] == 4
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+    import model
+    with pytest.raises(SystemExit, match="no checkpoint was written"):
+        model.check_finite(float("nan"), 1, str(tmp_path / "ckpt.pt"))
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="last good checkpoint is"):
+        model.check_finite(float("inf"), 9, str(tmp_path / "ckpt.pt"))
