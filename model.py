@@ -4,12 +4,15 @@ One hand-written Transformer decoder, shared by every stage of the pipeline.
 The guide's pretraining section in code: a causal language model reads tokens x_1..x_t and
 predicts x_{t+1}; training minimises the cross-entropy of that prediction. Everything a stage
 script needs from the network lives here: the model, its loss, generation with a KV cache,
-Hugging Face GPT-2 import/export, checkpoint I/O, the optimizer, and device/precision/DDP set-up.
+Hugging Face import/export, checkpoint I/O, the optimizer, and device/precision/DDP set-up.
 
 Two families run through the same code, picked by GPTConfig fields (see FAMILIES):
   gpt2    learned position embeddings, LayerNorm, GELU MLP, biases       (Radford et al. 2019)
   modern  rotary position embeddings, RMSNorm, SwiGLU MLP, no biases,    (Llama: Touvron et al. 2023)
           optional grouped-query attention (n_kv_head < n_head)
+Later decoders are the modern family with a few switches on, each a GPTConfig field that one Block
+reads (see HF_ARCHITECTURES): q/k norms (Qwen3), a sliding attention window (Mistral), soft-capped
+scores, sandwich norms and scaled embeddings (Gemma 2), per-layer RoPE bases (Gemma 3).
 
 Shape letters used in comments throughout the repository:
   B batch, T sequence length, C width (n_embd), H heads, D head size (C = H*D),
@@ -26,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,23 @@ IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch'
 FAMILIES = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+}
+
+# Hugging Face decoders are the modern family with some switches (GPTConfig fields) on. from_pretrained reads
+# each one's value from config.json; save_pretrained writes a model back as the first row that holds exactly
+# its switches (the row it was loaded from first). GPT-2 is the gpt2 family with no switch on.
+GEMMA = ("geglu", "norm_plus_one", "sandwich_norm", "embed_scale", "query_pre_attn_scalar")
+HF_ARCHITECTURES = {
+    # model_type: (class,               switches always on,   switches config.json may turn on)
+    "llama":       ("LlamaForCausalLM",   (),                   ("rope_llama3",)),
+    "qwen2":       ("Qwen2ForCausalLM",   ("qkv_bias",),        ()),
+    "qwen3":       ("Qwen3ForCausalLM",   ("qk_norm",),         ()),
+    "mistral":     ("MistralForCausalLM", (),                   ("sliding_window",)),
+    "phi3":        ("Phi3ForCausalLM",    (),                   ("sliding_window",)),  # q|k|v, gate|up fused on disk
+    "gemma2":      ("Gemma2ForCausalLM",  GEMMA,                ("sliding_window", "global_every", "attn_softcap",
+                                                                 "final_softcap")),
+    "gemma3_text": ("Gemma3ForCausalLM",  GEMMA + ("qk_norm",), ("sliding_window", "global_every", "final_softcap",
+                                                                 "rope_local_theta", "rope_linear")),
 }
 
 
@@ -56,7 +76,8 @@ class GPTConfig:
     dropout: float = 0.0      # 0 for pretraining small models on small data works fine and is faster
     pos_emb: str = "learned"  # "learned" (GPT-2) or "rope" (rotary, Su et al. 2021)
     norm: str = "layernorm"   # "layernorm" or "rmsnorm"
-    mlp: str = "gelu"         # "gelu" (4C hidden) or "swiglu" (~8C/3 hidden, same parameter count)
+    mlp: str = "gelu"         # "gelu" (4C hidden), "swiglu" (~8C/3 hidden, same parameter count) or "geglu"
+                              # (SwiGLU with GELU for Swish, Gemma; Shazeer 2020)
     bias: bool = True         # biases in Linear and norm layers (GPT-2 has them, Llama does not)
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix (GPT-2 does)
     norm_eps: float = 1e-5
@@ -65,10 +86,28 @@ class GPTConfig:
     score_head: bool = False  # also a linear head from the last hidden state to one number: a reward
                               # model's score or PPO's value (see GPT.scores); lm_head stays as it is
     head_dim: int = 0         # size of one attention head; 0 = n_embd // n_head (Qwen and Llama 3 may differ)
-    intermediate_size: int = 0  # the MLP's hidden width; 0 = 4C (gelu) or ~8C/3 rounded to 64 (swiglu)
+    intermediate_size: int = 0  # the MLP's hidden width; 0 = 4C (gelu) or ~8C/3 rounded to 64 (swiglu, geglu)
     qkv_bias: bool = False    # biases on the q, k and v projections only (Qwen2), whatever `bias` says
     rope_llama3: tuple = ()   # Llama 3.1's rope scaling: (factor, low_freq_factor, high_freq_factor,
                               # original_max_position_embeddings); () = none
+    qk_norm: bool = False     # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3): bounded scores
+    sliding_window: int = 0   # a query sees only the keys less than this many positions back, itself
+                              # included (Mistral; Gemma's local layers); 0 = all earlier keys
+    global_every: int = 0     # with a window: layers n-1, 2n-1, ... see every earlier key, the others slide
+                              # (Gemma 2: 2, Gemma 3: 6); 0 = every layer slides
+    rope_local_theta: float = 0.0  # RoPE base of the sliding layers, unscaled (Gemma 3: 10,000 while the
+                                   # global layers use rope_theta 1,000,000); 0 = every layer uses rope_theta
+    rope_linear: float = 1.0  # linear RoPE scaling: positions divided by this (Gemma 3 4B+: 8); 1 = none
+    query_pre_attn_scalar: float = 0.0  # scores are q·k/√this (Gemma); 0 = q·k/√D as in Vaswani et al.
+    attn_softcap: float = 0.0   # scores s squashed to cap·tanh(s/cap) before the softmax (Gemma 2: 50); 0 = off
+    final_softcap: float = 0.0  # the same on the output logits (Gemma 2: 30); 0 = off
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w starting at 0, in fp32 (Gemma)
+    sandwich_norm: bool = False  # each sublayer's output normalised too before the residual add, four norms
+                                 # per block (Gemma 2, 3)
+    embed_scale: bool = False  # token embeddings multiplied by √C (Gemma)
+    hf_model_type: str = ""   # the Hugging Face model_type this was loaded from, which save_pretrained writes
+                              # back; "" = the first row of HF_ARCHITECTURES that fits
+    special_ids: dict = field(default_factory=dict)  # bos/eos/pad_token_id of the source config.json, for export
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -81,6 +120,20 @@ class GPTConfig:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ValueError(f"rotary embeddings rotate pairs: the head size {self.head_dim} must be even")
+        if self.global_every and not self.sliding_window:
+            raise ValueError(f"global_every {self.global_every} needs a sliding_window for the other layers")
+
+    def slides(self, layer_idx):
+        """True when layer layer_idx attends only within the sliding window."""
+        return bool(self.sliding_window) and not (self.global_every and (layer_idx + 1) % self.global_every == 0)
+
+    def switches(self):
+        """The names of HF_ARCHITECTURES' switches this config turns on."""
+        on = {name for name in ("qkv_bias", "qk_norm", "sliding_window", "global_every", "rope_local_theta",
+                                "query_pre_attn_scalar", "attn_softcap", "final_softcap", "norm_plus_one",
+                                "sandwich_norm", "embed_scale", "rope_llama3") if getattr(self, name)}
+        on |= {"rope_linear"} if self.rope_linear != 1 else set()
+        return on | ({"geglu"} if self.mlp == "geglu" else set())
 
     @classmethod
     def from_dict(cls, d):
@@ -111,32 +164,51 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring (Zhang & Sennrich 2019)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring (Zhang & Sennrich 2019).
 
-    def __init__(self, dim, eps, bias=False):
+    plus_one (Gemma): y = x / sqrt(mean(x^2) + eps) * (1 + weight), weight starting at 0, the product taken
+    in fp32 and rounded once at the end, as Gemma's reference code does (Llama rounds before the product).
+    """
+
+    def __init__(self, dim, eps, bias=False, plus_one=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + self.weight.float())).type_as(x)
+        return y.type_as(x) * self.weight
 
 
-def rope_tables(T, D, theta, device=None, llama3=()):
-    """cos and sin of position * frequency for rotary embeddings, each (T, D/2).
+def norm_layer(config, dim=None):
+    """The config's norm over dim features (default C): LayerNorm, or RMSNorm ((1 + w) scaling for Gemma)."""
+    if config.norm == "layernorm":
+        return LayerNorm(dim or config.n_embd, config.norm_eps, config.bias)
+    return RMSNorm(dim or config.n_embd, config.norm_eps, plus_one=config.norm_plus_one)
 
-    llama3 = (factor, low, high, original context L): Llama 3.1's long-context scaling. Frequencies whose
-    wavelength 2π/f is longer than L/low are divided by factor, those shorter than L/high kept, and the
-    ones between blended linearly in L/wavelength (Meta's reference code, as transformers has it).
+
+def rope_tables(pos, D, theta, device=None, llama3=(), linear=1.0):
+    """cos and sin of position * frequency for rotary embeddings, each (*pos.shape, D/2), in fp32.
+
+    pos: a tensor of position ids, or an int T for positions 0..T-1. The model computes them for the
+    positions it runs, so no table fixes the longest context. linear: positions divided by this factor
+    (linear scaling; Gemma 3's global layers). llama3 = (factor, low, high, original context L): Llama
+    3.1's long-context scaling. Frequencies whose wavelength 2π/f is longer than L/low are divided by
+    factor, those shorter than L/high kept, and the ones between blended linearly in L/wavelength (Meta's
+    reference code, as transformers has it).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=device).float() / D))  # (D/2,)
+    if isinstance(pos, int):
+        pos = torch.arange(pos, device=device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=pos.device).float() / D))  # (D/2,)
     if llama3:
         factor, low, high, L = llama3
         wavelen = 2 * math.pi / inv_freq
         smooth = ((L / wavelen - low) / (high - low)).clamp(0, 1)  # 0 for long wavelengths, 1 for short ones
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    angles = torch.outer(torch.arange(T, device=device).float(), inv_freq)          # (T, D/2)
+    angles = pos.float().unsqueeze(-1) * (inv_freq / linear)  # (*pos.shape, D/2)
     return angles.cos(), angles.sin()
 
 
@@ -153,18 +225,61 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so decoding feeds one token per step."""
+    """Keys and values of every layer for the tokens seen so far, so decoding feeds one token per step.
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    It holds `length` positions, GPT.stream asking for what one call feeds (the prompt and the new tokens),
+    and grows when fed more. Each slot costs a 64-row batch of SmolLM2-135M (30 layers, 3 key/value heads of
+    64) 2.9 MB in fp32: block_size slots (2,048 under the old cap, 8,192 in full) would take 5.6 (22.5) GiB
+    to generate 24 tokens that need about 90 slots, 0.24 GiB.
+    """
+
+    def __init__(self, config, batch_size, device, dtype, length=0):
+        shape = (batch_size, config.n_kv_head, length, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0        # number of positions filled; advanced by GPT.hidden_states after all layers ran
-        self.real = None    # (B, block_size) bool, True on real tokens; kept once a padded prompt came in
+        self.real = None    # (B, length) bool, True on real tokens; kept once a padded prompt came in
+
+    def make_room(self, n):
+        """Grow every layer's slots to hold n positions (at least doubling, so growing step by step is cheap)."""
+        have = self.k[0].size(2)
+        if n <= have:
+            return
+        more = max(n, 2 * have) - have
+        self.k = [F.pad(t, (0, 0, 0, more)) for t in self.k]  # (B, Hkv, have, D) -> (B, Hkv, have + more, D)
+        self.v = [F.pad(t, (0, 0, 0, more)) for t in self.v]
+        if self.real is not None:
+            self.real = torch.cat([self.real, self.real.new_ones(self.real.size(0), more)], dim=1)
+
+
+def attention_mask(start, key_pos, key_real=None, window=0):
+    """Which keys each query may attend to: (T, Tk) or (B, 1, T, Tk) bool, True = may attend; or None for plain
+    causal attention from slot 0 or a decode step, which the fused kernels do without a mask.
+
+    The T queries are the last keys (cache slots start..Tk-1). A query sees keys at its slot or before
+    (causal); only real ones (key_real (B, Tk), for left padding); and with a window only those less than
+    `window` positions back, counted in key_pos ((Tk,) or (B, Tk) position ids over real tokens), so that a
+    padded row sees what it sees alone. A padded query may attend to itself (see GPT.hidden_states).
+    """
+    Tk = key_pos.size(-1)
+    if key_real is None and (not window or Tk <= window) and (start == 0 or Tk - start == 1):
+        return None
+    slots = torch.arange(Tk, device=key_pos.device)
+    mask = slots[None, :] <= slots[start:, None]                                       # (T, Tk) causal
+    if window:  # the band: key position > query position - window (transformers' sliding_window_overlay)
+        mask = mask & (key_pos[..., None, :] > key_pos[..., start:, None] - window)   # (T, Tk) or (B, T, Tk)
+    if key_real is None:
+        return mask
+    is_self = slots[None, :] == slots[start:, None]                                    # (T, Tk)
+    return ((mask & key_real[:, None, :]) | is_self).unsqueeze(1)                     # (B, T, Tk) -> (B, 1, T, Tk)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: softmax(q·kᵀ/√D + mask)·v (Vaswani et al. 2017, Eq. 1)."""
+    """Multi-head causal self-attention: softmax(q·kᵀ/√D + mask)·v (Vaswani et al. 2017, Eq. 1).
+
+    Switches (GPTConfig): q and k RMS-normalised per head before RoPE (qk_norm), another scale than 1/√D
+    (query_pre_attn_scalar), scores soft-capped to ±cap (attn_softcap); a sliding window is part of the mask.
+    """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -178,11 +293,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
-        T = config.block_size
-        self.register_buffer("causal_mask", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
+        self.q_norm = norm_layer(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = norm_layer(config, self.head_dim) if config.qk_norm else None
+        self.scale = 1.0 / math.sqrt(config.query_pre_attn_scalar or self.head_dim)
+        self.softcap = config.attn_softcap
 
     def forward(self, x, rope=None, cache=None, mask=None):
-        """x (B, T, C); rope: (cos, sin) for these T positions; mask: (B, 1, T, Tk) bool, True = may
+        """x (B, T, C); rope: (cos, sin) for these T positions; mask: (T, Tk) or (B, 1, T, Tk) bool, True = may
         attend, or None for plain causal attention (see GPT.hidden_states, which builds both)."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -191,6 +308,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, T, H*D) -> (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)    # (B, T, Hkv*D) -> (B, Hkv, T, D)
+        if self.q_norm is not None:  # |q|, |k| ≈ √D per head whatever the weights: no runaway scores
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # append this step's keys/values, then attend over all of them
@@ -202,17 +321,19 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(H // Hkv, dim=1)     # (B, Hkv, Tk, D) -> (B, H, Tk, D)
             v = v.repeat_interleave(H // Hkv, dim=1)
         p_drop = self.dropout if self.training else 0.0
-        if self.attn_impl == "sdpa":
+        if self.attn_impl == "sdpa" and not self.softcap:  # no fused kernel caps the scores
             # the fused kernel computes the same thing as the manual branch without materialising the
             # (T, Tk) scores. No mask: causal from position 0 (is_causal), or one new token that may see
             # every cached key (decoding), which keeps the fastest kernels usable
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop,
-                                               is_causal=mask is None and pos == 0)
+                                               is_causal=mask is None and pos == 0, scale=self.scale)
         else:
             if mask is None:  # query i sits at cache slot pos+i and may look at keys 0..pos+i
-                mask = self.causal_mask[pos:pos + T, :pos + T]    # (T, Tk)
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)  # (T, Tk)
             # scale q before the product, not the scores after: fp16 q·kᵀ can overflow (max 65,504) first
-            att = (q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)  # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+            att = (q * self.scale) @ k.transpose(-2, -1)          # (B, H, T, D) @ (B, H, D, Tk) -> (B, H, T, Tk)
+            if self.softcap:  # Gemma 2: smooth clipping to ±cap keeps one score from taking the whole softmax
+                att = self.softcap * torch.tanh(att / self.softcap)
             att = att.masked_fill(~mask, float("-inf"))           # no looking at future tokens or padding
             att = F.softmax(att.float(), dim=-1).type_as(q)       # each row sums to 1
             att = F.dropout(att, p_drop, self.training)
@@ -222,7 +343,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Shazeer 2020, Eq. 6)."""
+    """Position-wise feed-forward: GELU (GPT-2), SwiGLU or GeGLU (Shazeer 2020, Eqs. 5-6)."""
 
     def __init__(self, config):
         super().__init__()
@@ -232,7 +353,7 @@ class MLP(nn.Module):
             hidden = config.intermediate_size or 4 * C
             self.fc = nn.Linear(C, hidden, bias=config.bias)
         else:
-            # SwiGLU has three matrices; 2/3 of 4C keeps the parameter count of the GELU MLP
+            # a gated MLP has three matrices; 2/3 of 4C keeps the parameter count of the GELU MLP
             hidden = config.intermediate_size or 64 * math.ceil(8 * C / 3 / 64)
             self.fc = nn.Linear(C, 2 * hidden, bias=config.bias)  # gate and up projections, fused
         self.proj = nn.Linear(hidden, C, bias=config.bias)
@@ -243,24 +364,27 @@ class MLP(nn.Module):
             h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2 used the tanh approximation of GELU
         else:
             gate, up = self.fc(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up                       # Swish(xW) ⊙ xV
+            act = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")
+            h = act * up                                # Swish(xW) ⊙ xV, or GELU(xW) ⊙ xV
         return self.drop(self.proj(h))
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With sandwich_norm (Gemma 2, 3)
+    each sublayer's output is normalised too before it joins the residual: x + norm(attn(norm(x)))."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        Norm = LayerNorm if config.norm == "layernorm" else RMSNorm
-        self.ln1 = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.ln1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln2 = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.ln2 = norm_layer(config)
         self.mlp = MLP(config)
+        self.ln1_post = norm_layer(config) if config.sandwich_norm else nn.Identity()
+        self.ln2_post = norm_layer(config) if config.sandwich_norm else nn.Identity()
 
     def forward(self, x, rope=None, cache=None, mask=None):
-        x = x + self.attn(self.ln1(x), rope, cache, mask)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.ln1_post(self.attn(self.ln1(x), rope, cache, mask))
+        return x + self.ln2_post(self.mlp(self.ln2(x)))
 
 
 # -----------------------------------------------------------------------------
@@ -277,22 +401,18 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        Norm = LayerNorm if config.norm == "layernorm" else RMSNorm
-        self.ln_f = Norm(config.n_embd, config.norm_eps, config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.score_head = nn.Linear(config.n_embd, 1) if config.score_head else None
-        if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta, llama3=tuple(config.rope_llama3))
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        self.init_weights()  # no buffers: RoPE angles and masks are computed for the positions each call runs
 
     def init_weights(self):
         """Initialise every tensor, as GPT-2 did.
 
-        - Linear and embedding weights ~ N(0, 0.02); biases 0; norm weights 1.
+        - Linear and embedding weights ~ N(0, 0.02); biases 0; norm weights 1 (0 with norm_plus_one,
+          which scales by 1 + w).
         - The two projections that write into the residual stream (attn.proj, mlp.proj) get
           std 0.02/√(2·n_layer), so the residual's variance does not grow with depth (GPT-2 paper, §2.3).
         - The score head gets std 1/√(C+1), so a fresh reward or value model starts with scores of
@@ -302,7 +422,7 @@ class GPT(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() == 1:  # norm weights
-                nn.init.ones_(p)
+                nn.init.zeros_(p) if self.config.norm_plus_one else nn.init.ones_(p)
             elif name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
             elif name == "score_head.weight":
@@ -367,9 +487,16 @@ class GPT(nn.Module):
         With a KVCache, idx holds only the new tokens and the cache supplies the earlier ones.
         pad_mask (B, T) bool is True on real tokens, for left-padded batches (see hidden_states).
         """
-        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask))  # (B, T, C) -> (B, T, V)
+        logits = self.logits(self.hidden_states(idx, cache, pad_mask))  # (B, T, C) -> (B, T, V)
         loss = cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
+
+    def logits(self, h):
+        """lm_head on hidden states (..., C) -> (..., V); with final_softcap (Gemma 2) squashed to ±cap."""
+        z = self.lm_head(h)
+        if self.config.final_softcap:
+            z = self.config.final_softcap * torch.tanh(z / self.config.final_softcap)
+        return z
 
     def hidden_states(self, idx, cache=None, pad_mask=None):
         """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or score_head) reads.
@@ -379,47 +506,57 @@ class GPT(nn.Module):
         its position ids count its real tokens only (pos_ids below, for learned positions and RoPE
         alike), and no query attends to a padded key. A padded query may attend to itself, so no row
         of scores is all -inf: softmax of such a row is NaN, and att @ v would carry it into the real
-        tokens of the next layer (0 · NaN = NaN). The KV cache remembers which slots are padding.
+        tokens of the next layer (0 · NaN = NaN). The KV cache remembers which slots are padding. A
+        sliding window counts positions, not slots (attention_mask), so it too reaches as far as alone.
         Right padding needs no pad_mask: causal attention never looks to the right.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0  # cache slot of idx's first token
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
-        mask = None  # plain causal attention
+        if cache is not None:
+            cache.make_room(start + T)
         if pad_mask is None and (cache is None or cache.real is None):
-            pos_ids = torch.arange(start, start + T, device=idx.device)               # (T,)
-            if start > 0 and T > 1:  # several new tokens after a cached prefix: causal within them
-                mask = self.blocks[0].attn.causal_mask[start:start + T, :start + T]  # (T, Tk)
+            key_real, key_pos = None, torch.arange(start + T, device=idx.device)  # (Tk,): positions are slots
         else:
             real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device)
             if cache is not None:
                 if cache.real is None:  # every slot filled so far held a real token
-                    cache.real = torch.ones(B, self.config.block_size, dtype=torch.bool, device=idx.device)
+                    cache.real = torch.ones(B, cache.k[0].size(2), dtype=torch.bool, device=idx.device)
                 cache.real[:, start:start + T] = real
-                seen = cache.real[:, :start].sum(1, keepdim=True)  # (B, 1) real tokens before idx
                 key_real = cache.real[:, :start + T]                 # (B, Tk)
             else:
-                seen, key_real = 0, real
-            pos_ids = (seen + real.cumsum(1) - 1).clamp(min=0)     # (B, T): 0, 1, 2.. over real tokens
-            slots = torch.arange(start + T, device=idx.device)
-            is_self = slots[None, :] == slots[start:, None]         # (T, Tk): the query's own slot
-            causal = self.blocks[0].attn.causal_mask[start:start + T, :start + T]
-            mask = ((causal & key_real[:, None, :]) | is_self).unsqueeze(1)  # (B, T, Tk) -> (B, 1, T, Tk)
+                key_real = real
+            key_pos = key_real.cumsum(1) - 1                         # (B, Tk): 0, 1, 2.. over real tokens
+        pos_ids = key_pos[..., start:].clamp(min=0)                  # (T,) or (B, T)
+        # one mask and one RoPE table per kind of layer: global, and sliding (False/True below)
+        kinds = {self.config.slides(i) for i in range(self.config.n_layer)}
+        masks = {local: attention_mask(start, key_pos, key_real, self.config.sliding_window if local else 0)
+                 for local in kinds}
+        rope = {local: self.rope(pos_ids, local) if self.pos_emb is None else None for local in kinds}
         x = self.tok_emb(idx)                                    # (B, T) -> (B, T, C)
+        if self.config.embed_scale:  # Gemma: times √C, rounded to the weights' dtype as its reference code does
+            x = x * torch.tensor(self.config.n_embd ** 0.5).to(x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos_ids)                        # (T, C) or (B, T, C), broadcast over B
         x = self.drop(x)
-        rope = None
-        if self.pos_emb is None:
-            cos, sin = self.rope_cos[pos_ids].float(), self.rope_sin[pos_ids].float()  # (T, D/2) or (B, T, D/2);
-            # fp32 even in a model cast to bf16: positions 0..T need the precision, bf16 has 8 bits of it
-            rope = (cos, sin) if pos_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # broadcast over H
-        for block in self.blocks:
-            x = block(x, rope, cache, mask)
+        for i, block in enumerate(self.blocks):
+            local = self.config.slides(i)
+            x = block(x, rope[local], cache, masks[local])
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
+
+    def rope(self, pos_ids, local=False):
+        """(cos, sin) of RoPE at pos_ids (T,) or (B, T), in fp32 even in a bf16 model (positions need the
+        precision; bf16 has 8 bits of it), shaped to broadcast over heads. Sliding layers with a base of
+        their own (rope_local_theta, Gemma 3) use it unscaled; other layers rope_theta and its scaling."""
+        c = self.config
+        if local and c.rope_local_theta:
+            cos, sin = rope_tables(pos_ids, c.head_dim, c.rope_local_theta)
+        else:
+            cos, sin = rope_tables(pos_ids, c.head_dim, c.rope_theta, llama3=tuple(c.rope_llama3), linear=c.rope_linear)
+        return (cos, sin) if pos_ids.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # (B, 1, T, D/2)
 
     def scores(self, idx, pad_mask=None):
         """The score head at every position, (B, T) in fp32: a value model's V(s_t) per token; a reward
@@ -436,7 +573,7 @@ class GPT(nn.Module):
         """
         h = self.hidden_states(idx, pad_mask=pad_mask)                         # (B, T, C)
         first = int((targets != IGNORE_INDEX).any(0).int().argmax())          # first column with a target
-        logits = self.lm_head(h[:, first:])                                    # (B, T - first, V)
+        logits = self.logits(h[:, first:])                                     # (B, T - first, V)
         if temperature != 1.0:
             logits = logits.float() / temperature
         logprobs = F.pad(token_logprobs(logits, targets[:, first:]), (first, 0))  # (B, T)
@@ -459,16 +596,18 @@ class GPT(nn.Module):
                     # the cache holds what attention computes in: bf16 under bf16 autocast, half of fp32
                     dev = idx.device.type
                     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
-                    cache = KVCache(self.config, idx.size(0), idx.device, dtype)
+                    # room for what this call feeds: the prompt and every new token but the last
+                    length = min(idx.size(1) + max_new_tokens - 1, self.config.block_size)
+                    cache = KVCache(self.config, idx.size(0), idx.device, dtype, length)
                     h = self.hidden_states(idx, cache, pad_mask)
                 else:              # decode: only the newest token goes through the network
                     h = self.hidden_states(idx[:, -1:], cache)
             else:
                 # no cache, or the sequence outgrew block_size: recompute over the last block_size
                 # tokens (positions shift, so cached keys would be wrong from here on)
-                window = slice(-self.config.block_size, None)
-                h = self.hidden_states(idx[:, window], pad_mask=pad_mask[:, window] if pad_mask is not None else None)
-            logits = self.lm_head(h[:, -1, :])  # (B, V): only the last position predicts the next token
+                last = slice(-self.config.block_size, None)
+                h = self.hidden_states(idx[:, last], pad_mask=pad_mask[:, last] if pad_mask is not None else None)
+            logits = self.logits(h[:, -1, :])  # (B, V): only the last position predicts the next token
             next_tok = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_token is not None:  # rows that already stopped keep emitting stop_token
                 next_tok = next_tok.masked_fill(done.unsqueeze(1), stop_token)
@@ -496,154 +635,119 @@ class GPT(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
     # -------------------------------------------------------------------------
-    # Hugging Face GPT-2 checkpoints
+    # Hugging Face checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, max_block_size=2048):
-        """Load a Hugging Face directory (config.json + model.safetensors, its shards, or pytorch_model.bin):
-        GPT-2 into the gpt2 family, Llama (Llama 2/3, SmolLM, TinyLlama) and Qwen2 into the modern one.
-        max_block_size caps the context (Llama 3 allows 131,072 positions; the causal mask is T x T)."""
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type") in ("llama", "qwen2"):
-            return cls._from_llama(path, hf, max_block_size)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}: only gpt2, llama and qwen2 checkpoints load")
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           **FAMILIES["gpt2"])
-        model = cls(config)
-        hf_sd = _read_hf_weights(path)
-        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        sd = {}
-        for ours, theirs, transpose in _gpt2_name_table(config.n_layer):
-            if theirs not in hf_sd:
-                raise ValueError(f"{path}: weight {theirs!r} missing from the checkpoint")
-            w = hf_sd[theirs]
-            sd[ours] = w.t() if transpose else w
-        model.load_state_dict(sd, strict=False)  # lm_head.weight is tied to tok_emb.weight
-        missing = set(model.state_dict()) - set(sd) - {"lm_head.weight"}
-        assert not missing, f"not loaded: {sorted(missing)}"
-        return model
+    def from_pretrained(cls, path):
+        """Load a Hugging Face directory (config.json + model.safetensors, its shards, or pytorch_model.bin) in
+        fp32: GPT-2 into the gpt2 family; Llama (Llama 2/3, SmolLM, TinyLlama), Qwen2, Qwen3, Mistral, Phi-3,
+        Gemma 2 and Gemma 3 (text) into the modern family with their switches (HF_ARCHITECTURES).
 
-    @classmethod
-    def _from_llama(cls, path, hf, max_block_size):
-        """A LlamaForCausalLM or Qwen2ForCausalLM checkpoint as the modern family: RMSNorm, SwiGLU, RoPE in
-        the rotate-half layout (as ours), grouped-query attention; Qwen2 adds biases to q, k and v."""
+        Every tensor in the files must land in the model: a Qwen3 directory relabelled llama would otherwise
+        load without its q/k norms and give wrong logits, silently. The model is built on the meta device
+        (shapes, no memory), given uninitialised fp32 tensors (to_empty) and each is filled from the file,
+        read one tensor at a time, so loading holds one copy of the weights plus one tensor: no random init
+        to overwrite, no second copy of the file. block_size is the checkpoint's whole context; nothing is
+        allocated for it up front (see KVCache, attention_mask, GPT.rope).
+        """
         where = os.path.join(path, "config.json")
-        for field, ok in [("hidden_act", lambda v: v == "silu"),
-                          ("use_sliding_window", lambda v: not v), ("attention_bias", lambda v: not v),
-                          ("mlp_bias", lambda v: not v), ("num_experts", lambda v: not v)]:
-            if field in hf and not ok(hf[field]):
-                raise ValueError(f"{where}: {field} = {hf[field]!r} is not supported by this loader")
-        field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-        rope = hf.get(field) or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
-            raise ValueError(f"{where}: {field} of type {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                             f"by this loader (none or llama3)")
-        llama3 = tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                         "original_max_position_embeddings")) if rope.get("rope_type") == "llama3" else ()
-        C, H = hf["hidden_size"], hf["num_attention_heads"]
-        config = GPTConfig(block_size=min(hf.get("max_position_embeddings", 2048), max_block_size),
-                           vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H,
-                           n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
-                           head_dim=hf.get("head_dim") or C // H, intermediate_size=hf["intermediate_size"],
-                           norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                           tie_embeddings=hf.get("tie_word_embeddings", False),
-                           qkv_bias=hf["model_type"] == "qwen2", rope_llama3=llama3, **FAMILIES["modern"])
-        theirs = {k.removeprefix("model."): v for k, v in _read_hf_weights(path).items()}
-
-        def take(name):
-            if name not in theirs:
-                raise ValueError(f"{path}: weight {name!r} missing from the checkpoint")
-            return theirs[name]
-
-        sd = {"tok_emb.weight": take("embed_tokens.weight"), "ln_f.weight": take("norm.weight")}
-        if not config.tie_embeddings:
-            sd["lm_head.weight"] = take("lm_head.weight")
-        for i in range(config.n_layer):
-            a, ours = f"layers.{i}.", f"blocks.{i}."
-            sd[ours + "ln1.weight"] = take(a + "input_layernorm.weight")
-            sd[ours + "ln2.weight"] = take(a + "post_attention_layernorm.weight")
-            sd[ours + "attn.qkv.weight"] = torch.cat([take(a + f"self_attn.{x}_proj.weight") for x in "qkv"])
-            if config.qkv_bias:
-                sd[ours + "attn.qkv.bias"] = torch.cat([take(a + f"self_attn.{x}_proj.bias") for x in "qkv"])
-            sd[ours + "attn.proj.weight"] = take(a + "self_attn.o_proj.weight")
-            # our fc is [gate; up] in one matmul, then silu(gate) * up
-            sd[ours + "mlp.fc.weight"] = torch.cat([take(a + "mlp.gate_proj.weight"), take(a + "mlp.up_proj.weight")])
-            sd[ours + "mlp.proj.weight"] = take(a + "mlp.down_proj.weight")
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = set(missing) - ({"lm_head.weight"} if config.tie_embeddings else set())
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights not loaded {sorted(missing)[:3]}, unknown {sorted(unexpected)[:3]}")
+        with open(where) as f:
+            hf = json.load(f)
+        config = _hf_config(hf, where)
+        kind = config.hf_model_type
+        theirs = _read_hf_weights(path)  # {name: function reading that tensor}
+        if kind == "gpt2":  # GPT2LMHeadModel's names start with transformer., GPT2Model's do not
+            theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
+        table = _hf_name_table(config, kind, config.intermediate_size)
+        wanted = {name for _, parts, _ in table for name, _ in parts}
+        missing = sorted(wanted - theirs.keys())
+        unread = sorted(n for n in theirs.keys() - wanted - {"lm_head.weight"} if not n.endswith(_NOT_WEIGHTS))
+        if missing:
+            raise ValueError(f"{path}: weight {missing[0]!r} missing from the checkpoint")
+        if unread:
+            raise ValueError(f"{path}: {len(unread)} tensors this loader would not read as model_type {kind!r}, "
+                             f"e.g. {', '.join(unread[:3])}: config.json describes another architecture")
+        with torch.device("meta"):  # shapes only: no random weights drawn to be thrown away
+            model = cls(config)
+        model.to_empty(device="cpu")  # uninitialised fp32 tensors, each filled below
+        if config.tie_embeddings:  # to_empty made lm_head a tensor of its own: share tok_emb's again
+            model.lm_head.weight = model.tok_emb.weight
+        params = model.state_dict()
+        tied = {"lm_head.weight"} if config.tie_embeddings else set()
+        unfilled = params.keys() - {ours for ours, _, _ in table} - tied
+        if unfilled:  # the name table and the model disagree: a bug here, not in the checkpoint
+            raise RuntimeError(f"no Hugging Face tensor for {sorted(unfilled)[:3]}")
+        with torch.no_grad():
+            for ours, parts, transposed in table:
+                pieces = params[ours].split([rows for _, rows in parts]) if len(parts) > 1 else [params[ours]]
+                for (name, _), piece in zip(parts, pieces):  # q, k, v (gate, up) into their rows of ours
+                    w = theirs.pop(name)()                   # read now, in the file's dtype: one at a time
+                    w = w.t() if transposed else w
+                    if w.shape != piece.shape:
+                        raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, "
+                                         f"config.json says {tuple(piece.shape)}")
+                    piece.copy_(w)                           # into the fp32 parameter: the stages train it
+            if config.tie_embeddings and "lm_head.weight" in theirs:  # a tied matrix some files store twice
+                if not torch.equal(theirs.pop("lm_head.weight")().float(), params["tok_emb.weight"]):
+                    raise ValueError(f"{where}: tie_word_embeddings, but lm_head.weight differs from embed_tokens")
         return model
 
-    def exports_to_hf(self):
-        """True for what a Hugging Face format can hold: the gpt2 family with tied embeddings and no GQA
-        (GPT2LMHeadModel), or the modern family (LlamaForCausalLM; Qwen2ForCausalLM with qkv_bias)."""
+    def hf_architecture(self):
+        """The Hugging Face model_type save_pretrained writes, or None where no format holds this model: gpt2
+        for the gpt2 family with tied embeddings and no GQA; for the modern family the row of HF_ARCHITECTURES
+        it was loaded from, else the first row whose switches are exactly the ones it has on."""
         c = self.config
         if c.score_head:
-            return False
-        gpt2 = (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head) == \
-            ("learned", "layernorm", "gelu", True, True, c.n_head) and c.head_dim * c.n_head == c.n_embd
-        return gpt2 or (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
+            return None
+        on = c.switches()
+        if c.pos_emb == "learned":
+            gpt2 = (c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head, c.head_dim * c.n_head) == \
+                ("layernorm", "gelu", True, True, c.n_head, c.n_embd)
+            return "gpt2" if gpt2 and not on else None
+        if (c.norm, c.bias) != ("rmsnorm", False) or c.mlp not in ("swiglu", "geglu"):
+            return None
+        for kind in [c.hf_model_type, *HF_ARCHITECTURES]:
+            if kind in HF_ARCHITECTURES:
+                _, always, optional = HF_ARCHITECTURES[kind]
+                if set(always) <= on <= set(always) | set(optional):
+                    return kind
+        return None
+
+    def exports_to_hf(self):
+        """True when save_pretrained can write this model (see hf_architecture)."""
+        return self.hf_architecture() is not None
 
     def save_pretrained(self, path):
-        """Export to a Hugging Face directory: config.json and model.safetensors (pytorch_model.bin when the
-        optional safetensors package is missing). The gpt2 family as GPT2LMHeadModel, the modern one as
-        LlamaForCausalLM (Qwen2ForCausalLM when it has q, k, v biases): the reverse of from_pretrained."""
-        c = self.config
-        if not self.exports_to_hf():
-            raise ValueError("only the gpt2 family (tied embeddings, no GQA) and the modern family without a score "
-                             "head export to a Hugging Face format")
+        """Export to a Hugging Face directory as the architecture hf_architecture names, the reverse of
+        from_pretrained: config.json (with the context length and the bos/eos/pad ids the model was loaded
+        with), generation_config.json (bos/eos, so that transformers' generate stops at EOS), and
+        model.safetensors (pytorch_model.bin when the optional safetensors package is missing)."""
+        c, kind = self.config, self.hf_architecture()
+        if kind is None:
+            raise ValueError("no Hugging Face format holds this model: the gpt2 family exports with tied embeddings "
+                             "and no GQA, the modern family when its switches are one row's of HF_ARCHITECTURES, "
+                             "neither with a score head")
+        I = self.blocks[0].mlp.proj.in_features
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        if c.pos_emb == "learned":
-            hf_sd = {"transformer." + theirs: (sd[ours].t() if transpose else sd[ours])
-                     for ours, theirs, transpose in _gpt2_name_table(c.n_layer)}
+        hf_sd = {}
+        prefix = "transformer." if kind == "gpt2" else ""
+        for ours, parts, transposed in _hf_name_table(c, kind, I):
+            w = sd[ours].t() if transposed else sd[ours]
+            pieces = w.split([rows for _, rows in parts]) if len(parts) > 1 else [w]  # q|k|v, gate|up apart again
+            hf_sd.update({prefix + name: piece for (name, _), piece in zip(parts, pieces)})
+        if kind == "gpt2":
             hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
-            hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                             n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                             n_head=c.n_head, n_inner=None, activation_function="gelu_new",
-                             layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-                             attn_pdrop=c.dropout, tie_word_embeddings=True)
-            if c.vocab_size > 50256:  # GPT-2's <|endoftext|> doubles as begin and end of text
-                hf_config.update(bos_token_id=50256, eos_token_id=50256)
-        else:
-            H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
-            hf_sd = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["ln_f.weight"]}
-            if not c.tie_embeddings:
-                hf_sd["lm_head.weight"] = sd["lm_head.weight"]
-            for i in range(c.n_layer):
-                a, ours = f"model.layers.{i}.", f"blocks.{i}."
-                hf_sd[a + "input_layernorm.weight"] = sd[ours + "ln1.weight"]
-                hf_sd[a + "post_attention_layernorm.weight"] = sd[ours + "ln2.weight"]
-                for x, w in zip("qkv", sd[ours + "attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D])):
-                    hf_sd[a + f"self_attn.{x}_proj.weight"] = w
-                if c.qkv_bias:
-                    for x, b in zip("qkv", sd[ours + "attn.qkv.bias"].split([H * D, Hkv * D, Hkv * D])):
-                        hf_sd[a + f"self_attn.{x}_proj.bias"] = b
-                hf_sd[a + "self_attn.o_proj.weight"] = sd[ours + "attn.proj.weight"]
-                gate, up = sd[ours + "mlp.fc.weight"].chunk(2)
-                hf_sd[a + "mlp.gate_proj.weight"], hf_sd[a + "mlp.up_proj.weight"] = gate, up
-                hf_sd[a + "mlp.down_proj.weight"] = sd[ours + "mlp.proj.weight"]
-            kind = "qwen2" if c.qkv_bias else "llama"
-            hf_config = dict(architectures=["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"], model_type=kind,
-                             vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=self.blocks[0].mlp.proj.in_features,
-                             num_hidden_layers=c.n_layer, num_attention_heads=H, num_key_value_heads=Hkv,
-                             head_dim=D, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-                             rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, hidden_act="silu",
-                             attention_bias=False, torch_dtype="float32")
-            if c.rope_llama3:
-                hf_config["rope_scaling"] = dict(zip(("factor", "low_freq_factor", "high_freq_factor",
-                                                      "original_max_position_embeddings"), c.rope_llama3),
-                                                 rope_type="llama3")
+        ids = {k: c.special_ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if kind == "gpt2" and not c.special_ids and c.vocab_size > 50256:  # <|endoftext|>: begin and end of text
+            ids.update(bos_token_id=50256, eos_token_id=50256)
+        hf_config = {**_hf_config_json(c, kind, I), **ids}
         hf_sd = {k: v.contiguous().clone() for k, v in hf_sd.items()}  # safetensors stores no shared tensors
+        files = {"config.json": hf_config}
+        if ids["bos_token_id"] is not None or ids["eos_token_id"] is not None:
+            files["generation_config.json"] = {k: v for k, v in ids.items() if v is not None}
         os.makedirs(path, exist_ok=True)
-        atomic_write(os.path.join(path, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+        for name, d in files.items():
+            atomic_write(os.path.join(path, name), lambda f, d=d: f.write(json.dumps(d, indent=2).encode()))
         try:
             from safetensors.torch import save
         except ImportError:
@@ -658,49 +762,208 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
 
-def _gpt2_name_table(n_layer):
-    """(our name, Hugging Face name, transposed?) for every GPT-2 weight.
+def _hf_config(hf, where):
+    """The GPTConfig of a Hugging Face config.json (hf, read from where). What this decoder does not compute as
+    transformers does is refused with a ValueError naming config.json's field."""
+    kind = hf.get("model_type", "gpt2")
+    special = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
 
-    GPT-2 stores its projections as Conv1D with weight (in, out); nn.Linear keeps (out, in).
-    """
-    table = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
-             ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
-    for i in range(n_layer):
-        for ours, theirs, is_conv in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                                      ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
-                                      ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
-            table.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", is_conv))
-            table.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
-    return table
+    def refuse(name, why):
+        raise ValueError(f"{where}: {name} = {json.dumps(hf[name])} {why}")
+
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            refuse("activation_function", "is not GPT-2's tanh GELU")
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 0,
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), hf_model_type=kind, special_ids=special,
+                         **FAMILIES["gpt2"])
+    if kind == "gemma3":
+        refuse("model_type", "is Gemma 3's image-text model (vision_config); load a text-only checkpoint "
+                             "(Gemma3ForCausalLM, model_type gemma3_text, e.g. gemma-3-1b-it)")
+    if kind not in HF_ARCHITECTURES:
+        refuse("model_type", f"does not load: only gpt2, {', '.join(HF_ARCHITECTURES)}")
+    gemma = kind.startswith("gemma")
+    act_field, act = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
+    if hf.get(act_field, act) != act:
+        refuse(act_field, f"is not supported by this loader ({act} only)")
+    for name in ("attention_bias", "mlp_bias", "use_sliding_window", "num_experts", "use_bidirectional_attention"):
+        if hf.get(name):
+            refuse(name, "is not supported by this loader")
+    if kind == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        refuse("attn_logit_softcapping", "is ignored by transformers' Gemma 3, so this loader refuses it")
+
+    # RoPE: transformers 5 writes rope_parameters (Gemma 3: one per layer type); older files rope_theta,
+    # rope_scaling, and for Gemma 3 rope_local_base_freq
+    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope, local = hf.get(rope_field) or {}, {}
+    if "full_attention" in rope:
+        rope, local = rope["full_attention"] or {}, rope.get("sliding_attention") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    allowed = {"llama": ("default", "llama3"), "gemma3_text": ("default", "linear")}.get(kind, ("default",))
+    if rope_type not in allowed or local.get("rope_type", "default") != "default":  # e.g. Phi-3 128k's longrope (su)
+        raise ValueError(f"{where}: {rope_field} of type {rope_type!r} is not supported for {kind} by this loader "
+                         f"({' or '.join(allowed)})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor = {partial} is not supported by this loader (RoPE on "
+                         f"the whole head only)")
+    llama3 = tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                     "original_max_position_embeddings")) if rope_type == "llama3" else ()
+
+    # which layers slide: Mistral and Phi-3 all (when sliding_window is set), Gemma all but every n-th
+    L = hf["num_hidden_layers"]
+    window = (hf.get("sliding_window") or 0) if gemma or kind in ("mistral", "phi3") else 0
+    if gemma:
+        n = hf.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)  # what transformers assumes without it
+        types = hf.get("layer_types") or ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
+                                          for i in range(L)]
+    else:
+        types = ["sliding_attention" if window else "full_attention"] * L
+    slides = [t == "sliding_attention" for t in types]
+    every = 0 if all(slides) else slides.index(False) + 1
+    if set(types) - {"sliding_attention", "full_attention"} or slides != [not every or (i + 1) % every != 0
+                                                                        for i in range(L)]:
+        refuse("layer_types", "is not supported by this loader (a sliding window on all layers, or all but every n-th)")
+    if not any(slides):
+        window = every = 0
+
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"], n_layer=L,
+                     n_head=H, n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
+                     head_dim=hf.get("head_dim") or C // H, intermediate_size=hf["intermediate_size"],
+                     norm_eps=hf.get("rms_norm_eps", 1e-6),
+                     rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "gemma3_text" else 1e4)),
+                     tie_embeddings=hf.get("tie_word_embeddings", gemma), qkv_bias=kind == "qwen2", rope_llama3=llama3,
+                     qk_norm=kind in ("qwen3", "gemma3_text"), sliding_window=window, global_every=every,
+                     rope_local_theta=local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+                     if kind == "gemma3_text" else 0.0,
+                     rope_linear=rope.get("factor", 1.0) if rope_type == "linear" else 1.0,
+                     query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else 0.0,
+                     attn_softcap=(hf.get("attn_logit_softcapping") or 0.0) if gemma else 0.0,
+                     final_softcap=(hf.get("final_logit_softcapping") or 0.0) if gemma else 0.0,
+                     norm_plus_one=gemma, sandwich_norm=gemma, embed_scale=gemma, hf_model_type=kind,
+                     special_ids=special, **{**FAMILIES["modern"], "mlp": "geglu" if gemma else "swiglu"})
+
+
+def _hf_config_json(c, kind, I):
+    """config.json's architecture fields for config c exported as kind (I: the MLP's hidden width)."""
+    if kind == "gpt2":
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                    n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                    n_inner=I if I != 4 * c.n_embd else None, activation_function="gelu_new",
+                    layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                    tie_word_embeddings=True)
+    hf = dict(architectures=[HF_ARCHITECTURES[kind][0]], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.n_embd,
+              intermediate_size=I, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+              attention_bias=False, torch_dtype="float32")
+    if kind.startswith("gemma"):
+        # every field written, None where off: transformers' defaults (softcaps 50 and 30, window 4096) are not ours
+        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+                  sliding_window=c.sliding_window or c.block_size,  # no layer slides when 0: any value
+                  layer_types=["sliding_attention" if c.slides(i) else "full_attention" for i in range(c.n_layer)],
+                  attn_logit_softcapping=c.attn_softcap or None, final_logit_softcapping=c.final_softcap or None)
+    else:
+        hf["hidden_act"] = "silu"
+    if kind in ("mistral", "phi3"):
+        hf["sliding_window"] = c.sliding_window or None
+    if kind == "gemma3_text":
+        hf.update(rope_local_base_freq=c.rope_local_theta or c.rope_theta,
+                  rope_scaling=dict(rope_type="linear", factor=c.rope_linear) if c.rope_linear != 1 else None)
+    if c.rope_llama3:
+        hf["rope_scaling"] = dict(zip(("factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"), c.rope_llama3), rope_type="llama3")
+    return hf
+
+
+def _hf_name_table(c, kind, I):
+    """(our name, [(Hugging Face name, rows)], transposed?) for every weight of config c as model_type kind, I
+    its MLP width. Where one of ours stacks several of theirs along dim 0 (q, k and v; gate and up), rows says
+    how many each holds. GPT-2 stores its projections as Conv1D with weight (in, out); nn.Linear keeps (out, in).
+    HF's names: Llama's post_attention_layernorm is the norm before the MLP, Gemma's the one after attention."""
+    if kind == "gpt2":
+        table = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
+                 ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
+        for i in range(c.n_layer):
+            for ours, theirs, is_conv in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                          ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                                          ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
+                table.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", is_conv))
+                table.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
+        return [(ours, [(theirs, None)], transposed) for ours, theirs, transposed in table]
+    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+    gemma = kind.startswith("gemma")
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+    if not c.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    table = []
+    for i in range(c.n_layer):
+        a, o = f"model.layers.{i}.", f"blocks.{i}."
+        names.update({o + "ln1.weight": a + "input_layernorm.weight",
+                      o + "attn.proj.weight": a + "self_attn.o_proj.weight",
+                      o + "ln2.weight": a + ("pre_feedforward" if gemma else "post_attention") + "_layernorm.weight",
+                      o + "mlp.proj.weight": a + "mlp.down_proj.weight"})
+        if gemma:
+            names.update({o + "ln1_post.weight": a + "post_attention_layernorm.weight",
+                          o + "ln2_post.weight": a + "post_feedforward_layernorm.weight"})
+        if c.qk_norm:
+            names.update({o + "attn.q_norm.weight": a + "self_attn.q_norm.weight",
+                          o + "attn.k_norm.weight": a + "self_attn.k_norm.weight"})
+        if kind == "phi3":  # fused on disk as ours are
+            names.update({o + "attn.qkv.weight": a + "self_attn.qkv_proj.weight",
+                          o + "mlp.fc.weight": a + "mlp.gate_up_proj.weight"})
+            continue
+        for p in ("weight", "bias") if c.qkv_bias else ("weight",):
+            qkv = [(a + f"self_attn.{x}_proj.{p}", rows) for x, rows in zip("qkv", (H * D, Hkv * D, Hkv * D))]
+            table.append((o + f"attn.qkv.{p}", qkv, False))
+        table.append((o + "mlp.fc.weight", [(a + "mlp.gate_proj.weight", I), (a + "mlp.up_proj.weight", I)], False))
+    return [(ours, [(theirs, None)], False) for ours, theirs in names.items()] + table
+
+
+# buffers that older files carry and no model needs: GPT-2's causal mask, Llama's RoPE frequencies
+_NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def _read_hf_weights(path):
-    """{name: tensor} of a Hugging Face directory: model.safetensors, shards listed in
-    model.safetensors.index.json, or pytorch_model.bin."""
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.exists(st) and os.path.exists(index):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise SystemExit(f"{index}: sharded safetensors need the optional package safetensors: pip install safetensors")
+    """{name: function returning that tensor} of a Hugging Face directory: model.safetensors, the shards listed
+    in model.safetensors.index.json, or pytorch_model.bin. A tensor is read when its function is called."""
+    st, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(st):
+        return _safetensors_readers(st)
+    if os.path.exists(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        weights = {}
-        for shard in shards:
-            weights.update(load_file(os.path.join(path, shard)))
-        return weights
-    if os.path.exists(st):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            if not os.path.exists(pt):
-                raise SystemExit(f"{st} needs the optional package safetensors: pip install safetensors")
-        else:
-            return load_file(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        readers = [_safetensors_readers(os.path.join(path, shard)) for shard in shards]
+        return {name: read for shard in readers for name, read in shard.items()}
+    pt = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(pt):  # the older format: one pickle, read whole
+        return {name: (lambda t=t: t) for name, t in torch.load(pt, map_location="cpu", weights_only=True).items()}
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _safetensors_readers(file):
+    """{name: function reading that tensor} of one .safetensors file. The format: 8 bytes (little-endian) with the
+    header's size, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Plain reads into
+    the tensor's own memory, not a memory map: mapped pages count as the process's memory while it is open."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+
+    def read(info):
+        t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        with open(file, "rb") as f:
+            f.seek(8 + n + begin)
+            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{file}: truncated")
+        return t
+    return {name: (lambda info=info: read(info)) for name, info in header.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -435,8 +435,8 @@ def test_save_pretrained_rejects_what_no_hf_format_holds(tiny_config, tmp_path, 
 
 def test_from_pretrained_rejects_other_model_types(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(dict(model_type="mistral", n_positions=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32), f)
-    with pytest.raises(ValueError, match="mistral"):  # llama and qwen2 load (tests/test_hf_models.py)
+        json.dump(dict(model_type="falcon", n_positions=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32), f)
+    with pytest.raises(ValueError, match="config.json: model_type = \"falcon\""):  # the others: test_hf_*.py
         GPT.from_pretrained(str(tmp_path))
 
 
@@ -709,9 +709,9 @@ def test_kv_cache_takes_the_autocast_dtype(tiny_config):
     seen = []
     real_init = model.KVCache.__init__
 
-    def spy(self, config, batch_size, device, dtype):
+    def spy(self, config, batch_size, device, dtype, *length):
         seen.append(dtype)
-        real_init(self, config, batch_size, device, dtype)
+        real_init(self, config, batch_size, device, dtype, *length)
 
     model.KVCache.__init__ = spy
     try:
@@ -721,6 +721,20 @@ def test_kv_cache_takes_the_autocast_dtype(tiny_config):
     finally:
         model.KVCache.__init__ = real_init
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_kv_cache_holds_what_the_call_feeds_not_block_size(tiny_config, monkeypatch):
+    """A 4,096-position model generating 7 tokens after 5 allocates 5 + 7 - 1 = 11 cache slots per layer (the
+    last new token is never fed), and no buffer of the model grows with block_size (no mask, no RoPE table)."""
+    m = case_model(tiny_config, "gqa", block_size=4096)
+    made = []
+    real_init = model.KVCache.__init__
+    monkeypatch.setattr(model.KVCache, "__init__", lambda self, *args: made.append(self) or real_init(self, *args))
+    out = m.generate(tokens(3, 5), 7, temperature=0)
+    (cache,) = made
+    assert [tuple(k.shape) for k in cache.k + cache.v] == [(3, 2, 11, 8)] * 4 and cache.pos == 11  # (B, Hkv, T, D)
+    assert list(m.buffers()) == []
+    assert torch.equal(out, m.generate(tokens(3, 5), 7, temperature=0, use_cache=False))
 
 
 def test_decode_step_passes_no_mask_to_sdpa(tiny_config, monkeypatch):
