@@ -600,6 +600,18 @@ def end_of_turn(enc):
     return special_id(enc, CHAT_FORMATS[fmt["name"]][1])
 
 
+def start_error(ckpt, enc, path, want_chat):
+    """Why a checkpoint is the wrong start for a stage, or None. A reward model starts no stage but
+    reward.py; DPO and PPO (want_chat) start from a chat model: a stage after sft.py, or a Hugging Face
+    directory whose tokenizer has a chat template (an instruct model), not from a base model."""
+    stage = ckpt.get("stage") or ("instruct" if "source" in enc.chat_format else "base")
+    if stage == "reward":
+        return f"{path} is a reward model (stage reward): it scores answers; start from the policy it was trained for"
+    if want_chat and not (ckpt.get("chat") or "source" in enc.chat_format):
+        return f"{path} is a {stage} model, not a chat model: instruction-tune it first (python sft.py --init-from {path})"
+    return None
+
+
 def chat_token_ids(enc):
     """The ids of the chat format's special tokens (the rows LoRA fine-tuning trains too)."""
     fmt = enc.chat_format

@@ -157,6 +157,9 @@ def main(argv=None):
     enc = data.get_encoding(tokenizer)
     config = model.config
     model.to(rt.device)
+    # a base or reward model is refused, with what to do instead
+    if why := data.start_error(src, enc, args.init_from, want_chat=True):
+        sys.exit(f"error: --init-from: {why}")
 
     # ---- data: pairs -> token ids; a held-out split ------------------------------------------------
     try:

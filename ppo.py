@@ -303,6 +303,9 @@ def main(argv=None, reward_fn=None):
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
     config = policy.config
+    # a base or reward model is refused, with what to do instead
+    if why := data.start_error(src, enc, args.policy, want_chat=True):
+        sys.exit(f"error: --policy: {why}")
     end, pad = data.end_of_turn(enc), enc.eot_token
     # π_ref: a frozen copy of the SFT model, or with LoRA the policy itself with its adapters disabled
     reference = None if args.lora_r else copy.deepcopy(policy).requires_grad_(False)

@@ -59,7 +59,9 @@ def get_args(argv=None):
     p.add_argument("--n-head", type=positive_int, default=4, help="attention heads (H)")
     p.add_argument("--n-kv-head", type=in_range(int, 0), default=0, help="key/value heads for grouped-query attention (0 = n_head)")
     p.add_argument("--n-embd", type=positive_int, default=256, help="width C; head size D = C / H")
-    p.add_argument("--block-size", type=positive_int, default=128, help="context length T in tokens")
+    p.add_argument("--block-size", type=in_range(int, 0), default=0,
+                   help="context length T in tokens (0 = 128 for a new model; with --init-from, the model's context "
+                        "up to 2,048: a Llama 3 allows 131,072); with --init-from, the training window")
     p.add_argument("--dropout", type=in_range(float, 0, 1, open_high=True), default=0.0, help="dropout probability (0 = off)")
     # optimization
     p.add_argument("--max-steps", type=positive_int, default=800, help="optimizer steps; the learning-rate schedule ends here")
@@ -112,10 +114,13 @@ def main(argv=None):
     else:
         tokenizer = data.dataset_tokenizer(args.data)  # a prepared dataset's own tokenizer, else GPT-2's
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
-                           block_size=args.block_size, dropout=args.dropout, vocab_size=data.model_vocab_size(tokenizer),
+                           block_size=args.block_size or 128, dropout=args.dropout, vocab_size=data.model_vocab_size(tokenizer),
                            **FAMILIES[args.family])
         model = GPT(config)
     config = model.config
+    T = args.block_size or min(config.block_size, 2048)  # the training window: the model's context, or less
+    if T > config.block_size:
+        sys.exit(f"error: --block-size {T} is longer than the model's context of {config.block_size} positions")
     model.to(rt.device)
     if rt.ddp:  # each rank its own dropout masks (DDP copies rank 0's weights to all, so init may differ)
         torch.manual_seed(args.seed + rt.rank)
@@ -136,13 +141,13 @@ def main(argv=None):
             if rt.ddp:
                 dist.barrier()
             train_tokens, val_tokens = data.prepare_tokens(args.data, enc, cache_dir, args.val_fraction)
-        train = data.BatchSampler(train_tokens, config.block_size, args.batch_size, args.seed, rt.device)
-        val = data.BatchSampler(val_tokens, config.block_size, args.batch_size, args.seed, rt.device)
+        train = data.BatchSampler(train_tokens, T, args.batch_size, args.seed, rt.device)
+        val = data.BatchSampler(val_tokens, T, args.batch_size, args.seed, rt.device)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     byte_lengths = torch.from_numpy(data.token_byte_lengths(enc, config.vocab_size)).to(rt.device)
-    tokens_per_step = args.batch_size * config.block_size * args.grad_accum * rt.world_size
-    log(f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; {tokens_per_step:,} tokens per step")
+    tokens_per_step = args.batch_size * T * args.grad_accum * rt.world_size
+    log(f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; windows of {T} tokens, {tokens_per_step:,} per step")
 
     # ---- optimizer and schedule ---------------------------------------------------------------
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
@@ -155,7 +160,7 @@ def main(argv=None):
         model = torch.compile(model)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+    flops_per_step = raw_model.flops_per_token(T) * tokens_per_step
     peak = peak_flops(rt.device, rt.dtype) * rt.world_size
 
     def checkpoint():

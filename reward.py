@@ -273,7 +273,7 @@ def get_args(argv=None):
     # the loss
     p.add_argument("--margin", type=in_range(float, 0), default=0.0, help="m in −log σ(r_w − r_l − m) (0 = the plain Bradley-Terry loss)")
     p.add_argument("--center-coef", type=in_range(float, 0), default=0.0, help="c of the reward-centering penalty c·(r_w + r_l)² (0 = off)")
-    p.add_argument("--offset-prompts", type=positive_int, default=128,
+    p.add_argument("--offset-prompts", type=in_range(int, 0), default=128,
                    help="training prompts the SFT model answers (4 samples each) to set the score's mean 0 and std 1 (0 = off)")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out accuracy and checkpoints")

@@ -117,6 +117,9 @@ def main(argv=None):
         sys.exit(f"error: --init-from: {e}")
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
+    # a reward model is refused, with what to do instead
+    if why := data.start_error(src, enc, args.init_from, want_chat=False):
+        sys.exit(f"error: --init-from: {why}")
     try:  # the chat format's special tokens: ours, or the instruct model's own (data.render_chat)
         chat_ids = data.chat_token_ids(enc)
     except data.DataError as e:
@@ -203,10 +206,10 @@ def main(argv=None):
         prompts = [data.render_chat(enc, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
                    for p in EVAL_PROMPTS]
         idx, pad_mask = data.left_pad(prompts, pad)
+        stop = data.end_of_turn(enc)
         with rt.autocast():
-            out = model.generate(idx.to(rt.device), 48, temperature=0, stop_token=data.end_of_turn(enc),
-                                 pad_mask=pad_mask.to(rt.device))
-        answers = [data.decode(enc, [t for t in row[idx.size(1):].tolist() if t < enc.eot_token]) for row in out]
+            out = model.generate(idx.to(rt.device), 48, temperature=0, stop_token=stop, pad_mask=pad_mask.to(rt.device))
+        answers = [data.decode(enc, [t for t in row[idx.size(1):].tolist() if t != stop]) for row in out]
         model.train()
         return nats / max(1, n_tokens), answers
 

@@ -50,3 +50,37 @@ def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="last good checkpoint is"):
         model.check_finite(float("inf"), 9, str(tmp_path / "ckpt.pt"))
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A base (pretrain) and a reward checkpoint, tiny, with GPT-2's tokenizer."""
+    from dataclasses import asdict
+
+    import torch
+
+    import data
+    import model
+    paths = {}
+    for stage in ["pretrain", "reward"]:
+        config = model.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50304,
+                                 score_head=stage == "reward", **model.FAMILIES["modern"])
+        paths[stage] = str(tmp_path / stage / "ckpt.pt")
+        model.save_checkpoint(paths[stage], model=model.GPT(config).state_dict(), model_config=asdict(config),
+                              tokenizer=data.gpt2_tokenizer(), chat=stage == "reward", stage=stage, step=1)
+        assert torch.load(paths[stage], weights_only=True)["stage"] == stage
+    return paths
+
+
+@pytest.mark.parametrize("script,flag,start,why", [
+    ("dpo", "--init-from", "pretrain", "is a pretrain model, not a chat model"),
+    ("ppo", "--policy", "pretrain", "is a pretrain model, not a chat model"),
+    ("dpo", "--init-from", "reward", "is a reward model"), ("sft", "--init-from", "reward", "is a reward model"),
+    ("ppo", "--policy", "reward", "is a reward model")])
+def test_a_checkpoint_of_the_wrong_stage_is_refused(checkpoints, tmp_path, script, flag, start, why):
+    module = importlib.import_module(script)
+    argv = [flag, checkpoints[start], "--out", str(tmp_path / "out"), "--device", "cpu"]
+    if script == "ppo":
+        argv += ["--reward", "world"]
+    with pytest.raises(SystemExit, match=why):
+        module.main(argv)
