@@ -22,6 +22,7 @@ Shape letters used in comments throughout the repository:
 import contextlib
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -1065,9 +1066,35 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def checkpoint_digest(state):
+    """SHA-256 of everything in a checkpoint dict: each tensor's dtype, shape and bytes, and the plain data
+    around them (keys sorted), so that flipped bits anywhere are noticed when it loads."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"tensor {t.dtype} {tuple(x.shape)}".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+        elif isinstance(x, dict):
+            for k in sorted(x, key=repr):
+                h.update(f"key {k!r}".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__} {len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"value {x!r}".encode())
+    walk(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(path, **state):
-    """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically."""
+    """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically, with its
+    checkpoint_digest, which load_checkpoint checks."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state["sha256"] = checkpoint_digest(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -1087,8 +1114,25 @@ def save_stage(out_dir, model, lora_base=None, fingerprint=None, **state):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict. weights_only=True: tensors and plain data only, never code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint dict. weights_only=True: tensors and plain data only, never code. An empty,
+    truncated or damaged file, or one whose contents no longer match the digest saved in it, ends the
+    program with a one-line error (checkpoints written before digests existed load unchecked)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # EOFError, zip and unpickling errors: the file is not a whole checkpoint
+        if "Weights only load failed" in str(e):
+            why = "it holds objects other than tensors and plain data (code, perhaps): refused"
+        else:
+            why = "empty" if os.path.getsize(path) == 0 else f"truncated or damaged ({type(e).__name__})"
+        raise SystemExit(f"error: {path}: not a readable checkpoint: {why}") from None
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path}: not a checkpoint of this project (a {type(ckpt).__name__})")
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and saved != checkpoint_digest(ckpt):
+        raise SystemExit(f"error: {path}: the checkpoint's contents do not match its SHA-256: the file is damaged")
+    return ckpt
 
 
 def load_model(init_from, map_location="cpu"):

@@ -84,3 +84,24 @@ def test_a_checkpoint_of_the_wrong_stage_is_refused(checkpoints, tmp_path, scrip
         argv += ["--reward", "world"]
     with pytest.raises(SystemExit, match=why):
         module.main(argv)
+
+
+def test_a_damaged_truncated_or_empty_checkpoint_is_refused_in_one_line(tmp_path):
+    import torch
+
+    import model
+    path = str(tmp_path / "ckpt.pt")
+    model.save_checkpoint(path, model={"w": torch.ones(1000)}, step=3, args={"lr": 1e-3})
+    assert model.load_checkpoint(path)["step"] == 3 and "sha256" not in model.load_checkpoint(path)
+    raw = open(path, "rb").read()
+    i = raw.index(b"\x00\x00\x80\x3f" * 8)  # inside the tensor's bytes (1.0 in fp32)
+    open(path, "wb").write(raw[:i + 2] + b"\x81" + raw[i + 3:])  # one bit pattern changed: 1.0 -> 1.0000153
+    assert torch.load(path, weights_only=True)["model"]["w"][0] != 1.0  # torch itself loads it without a word
+    with pytest.raises(SystemExit, match="do not match its SHA-256"):
+        model.load_checkpoint(path)
+    open(path, "wb").write(raw[:len(raw) // 2])
+    with pytest.raises(SystemExit, match="truncated or damaged"):
+        model.load_checkpoint(path)
+    open(path, "wb").write(b"")
+    with pytest.raises(SystemExit, match="empty"):
+        model.load_checkpoint(path)
