@@ -45,9 +45,11 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
-    set_rng_state, setup_runtime, training_state
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
+    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
+    save_stage, set_rng_state, setup_runtime, training_state
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
              loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair DPO losses and implicit rewards.
@@ -137,9 +139,9 @@ def main(argv=None):
     lr = args.lr or (5e-4 if args.lora_r else 2e-5)
 
     # ---- setup -----------------------------------------------------------------------------------
+    claim_out_dir(args.out, single_process="dpo.py")  # OUT/.lock: a second run on the same --out is refused
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")

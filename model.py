@@ -1090,6 +1090,36 @@ def checkpoint_digest(state):
     return h.hexdigest()
 
 
+_HELD_LOCKS = {}  # out directory -> its open .lock file, for as long as this process lives
+
+
+def claim_out_dir(out, single_process=None):
+    """Create --out and lock it (OUT/.lock, an advisory flock) for this process: a second run given the
+    same directory stops with a one-line error instead of racing on ckpt.pt and mixing log.jsonl. A
+    process that holds it already (one test after another) keeps it. Under torchrun only rank 0 writes,
+    so only it locks; single_process (a stage's name) refuses torchrun for stages that do not split work."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if single_process and world > 1:
+        raise SystemExit(f"error: {single_process} runs in one process; under torchrun it would start {world} "
+                         f"unsynchronised copies (pretrain.py is the data-parallel stage)")
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if int(os.environ.get("RANK", 0)) != 0 or key in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the directory is used unlocked
+        return
+    f = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"error: --out {out} is in use by another run (it holds {out}/.lock); "
+                         f"wait for it, or give this run another --out") from None
+    _HELD_LOCKS[key] = f
+
+
 def save_checkpoint(path, **state):
     """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically, with its
     checkpoint_digest, which load_checkpoint checks."""

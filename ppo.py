@@ -56,9 +56,9 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, last_token, \
-    load_checkpoint, load_model, masked_mean, masked_whiten, in_range, optimizer_step, positive_int, restore_training_state, \
-    resume_args, save_stage, set_rng_state, setup_runtime, training_state
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
+    in_range, last_token, load_checkpoint, load_model, masked_mean, masked_whiten, optimizer_step, positive_int, \
+    restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -277,9 +277,9 @@ def main(argv=None, reward_fn=None):
     value_lr = args.value_lr or 5 * lr
 
     # ---- setup -----------------------------------------------------------------------------------
+    claim_out_dir(args.out, single_process="ppo.py")  # OUT/.lock: a second run on the same --out is refused
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")

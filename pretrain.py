@@ -40,9 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, optimizer_step, peak_flops, in_range, positive_int, restore_training_state, resume_args, \
-    save_checkpoint, set_rng_state, setup_runtime, training_state
+from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, claim_out_dir, \
+    configure_optimizer, get_lr, in_range, load_checkpoint, load_model, optimizer_step, peak_flops, positive_int, \
+    restore_training_state, resume_args, save_checkpoint, set_rng_state, setup_runtime, training_state
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,7 +97,7 @@ def main(argv=None):
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write if rt.master else (lambda *a, **k: None)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    os.makedirs(args.out, exist_ok=True)
+    claim_out_dir(args.out)  # OUT/.lock: a second run on the same --out is refused
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
 

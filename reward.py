@@ -68,9 +68,9 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora
-from model import GracefulStop, append_jsonl, atomic_write, check_finite, configure_optimizer, get_lr, last_token, \
-    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
-    set_rng_state, setup_runtime, training_state
+from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, get_lr, \
+    in_range, last_token, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, \
+    resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0, group=None):
@@ -303,9 +303,9 @@ def main(argv=None):
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)
 
     # ---- setup -----------------------------------------------------------------------------------
+    claim_out_dir(args.out, single_process="reward.py")  # OUT/.lock: a second run on the same --out is refused
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     feedback_path = os.path.join(args.out, "feedback.jsonl")
     if args.resume and not os.path.exists(ckpt_path):

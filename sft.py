@@ -44,9 +44,11 @@ from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, configure_optimizer, get_lr, \
-    load_checkpoint, load_model, in_range, optimizer_step, positive_int, restore_training_state, resume_args, save_stage, \
-    set_rng_state, setup_runtime, training_state
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
+    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
+    save_stage, set_rng_state, setup_runtime, training_state
+
+
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
 # France, Japan and Italy are held out of the world's instruction data; Atlantis is in no data at all.
 EVAL_PROMPTS = ["What is the capital of France?", "Which city is the capital of Japan?",
@@ -99,9 +101,9 @@ def main(argv=None):
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)  # LoRA's few parameters want a larger step (Hu et al. §5)
 
     # ---- setup -----------------------------------------------------------------------------------
+    claim_out_dir(args.out, single_process="sft.py")  # OUT/.lock: a second run on the same --out is refused
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")

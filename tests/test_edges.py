@@ -105,3 +105,33 @@ def test_a_damaged_truncated_or_empty_checkpoint_is_refused_in_one_line(tmp_path
     open(path, "wb").write(b"")
     with pytest.raises(SystemExit, match="empty"):
         model.load_checkpoint(path)
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            pretrain.main(["--out", str(out), "--device", "cpu"])
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    import model
+    model.claim_out_dir(str(out))  # free again once the other run has ended
+    model.claim_out_dir(str(out))  # and a process may claim its own directory twice (one test after another)
+
+
+def test_single_process_stages_refuse_torchrun(monkeypatch, checkpoints, tmp_path):
+    import sft
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="sft.py runs in one process"):
+        sft.main(["--init-from", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
