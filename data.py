@@ -66,13 +66,18 @@ def gpt2_tokenizer():
 
 def checkpoint_tokenizer(ckpt):
     """The tokenizer dict of a checkpoint dict from model.load_model. A Hugging Face GPT-2 directory
-    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one; a Llama or Qwen2
-    directory, its own byte-level BPE (hf_bpe_tokenizer)."""
-    if not ckpt.get("tokenizer") and ckpt.get("hf_model_type", "gpt2") != "gpt2":
-        tok = hf_bpe_tokenizer(ckpt["hf_path"])
-        tok["chat_format"] = hf_chat_format(ckpt["hf_path"], tok["special_tokens"])
-        return tok
-    return ckpt.get("tokenizer") or gpt2_tokenizer()
+    carries none (model.py knows nothing of tokenizers): it gets the bundled GPT-2 one; any other Hugging
+    Face directory, its own tokenizer (hf_bpe_tokenizer) and chat format (hf_chat_format). A model with
+    a chat format of its own does not get ours: the chat tokens appended after its last id are dropped."""
+    if ckpt.get("tokenizer") or ckpt.get("hf_model_type", "gpt2") == "gpt2":
+        return ckpt.get("tokenizer") or gpt2_tokenizer()
+    tok = hf_bpe_tokenizer(ckpt["hf_path"])
+    tok["chat_format"] = hf_chat_format(ckpt["hf_path"], tok["special_tokens"])
+    if tok["chat_format"]["name"] != "ours":
+        specials = tok["special_tokens"]
+        theirs = max(i for name, i in specials.items() if name not in CHAT_TOKENS)
+        tok["special_tokens"] = {name: i for name, i in specials.items() if name not in CHAT_TOKENS or i <= theirs}
+    return tok
 
 
 def _byte_of_char():

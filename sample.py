@@ -65,19 +65,19 @@ def get_args(argv=None):
 
 
 def stream_reply(model, enc, ids, args, temperature, stop):
-    """Generate after ids, printing each piece as it comes; returns the generated text."""
+    """Generate after ids, printing each piece as it comes; returns the generated text (decoded whole, as
+    the tokenizer decodes: the printed stream may show a broken UTF-8 sequence differently)."""
     idx = torch.tensor([ids[-model.config.block_size:]], device=next(model.parameters()).device)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # one character may span two tokens
-    pieces = []
+    new = []
     for tok in model.stream(idx, args.max_new_tokens, temperature, args.top_k or None, args.top_p, stop):
         t = tok.item()
         if t == stop or t >= enc.n_vocab:  # the end, or an unused padded id
             continue
-        pieces.append(utf8.decode(enc.decode_single_token_bytes(t)))
-        print(pieces[-1], end="", flush=True)
-    pieces.append(utf8.decode(b"", final=True))
-    print(pieces[-1])
-    return "".join(pieces)
+        new.append(t)
+        print(utf8.decode(enc.decode_single_token_bytes(t)), end="", flush=True)
+    print(utf8.decode(b"", final=True))
+    return data.decode(enc, new)
 
 
 def main(argv=None):

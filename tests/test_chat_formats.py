@@ -175,6 +175,7 @@ def test_sft_of_an_instruct_model_learns_its_own_format_and_sample_stops_there(m
               "--device", "cpu", "--dtype", "float32"])
     tok = load_checkpoint(out / "ckpt.pt")["tokenizer"]
     assert tok["chat_format"]["name"] == "chatml" and tok["chat_format"]["default_system"] == "You are a terse assistant."
+    assert not set(data.CHAT_TOKENS) & set(tok["special_tokens"])  # its own format: none of our role tokens added
     answer = sample.main(["--init-from", str(out), "--prompt", "Say hi.", "--greedy", "--max-new-tokens", "8",
                           "--device", "cpu"])
     assert answer == ["Hi."]  # learned, and stopped at <|im_end|> (any other token would be printed)
