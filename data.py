@@ -506,10 +506,11 @@ def model_vocab_size(tok):
 
 
 def save_hf_tokenizer(tok, path):
-    """Write a byte-level tokenizer dict as a Hugging Face tokenizer.json in path, which the tokenizers
-    library reads back to the ids get_encoding gives, so that an exported model's text loads in
-    transformers too. The vocabulary is the ranks in GPT-2's printable byte alphabet; the special tokens
-    (this project's chat tokens among them) are added tokens after the source's.
+    """Write a tokenizer dict as a Hugging Face tokenizer.json in path, which the tokenizers library reads
+    back to the ids get_encoding gives, so that an exported model's text loads in transformers too. The
+    vocabulary of a byte-level BPE is the ranks in GPT-2's printable byte alphabet (a SentencePiece-style
+    one keeps its own); the special tokens (this project's chat tokens among them) are added tokens after
+    the source's.
 
     From hf_bpe_tokenizer, the rest is the source file's, as it was: its merges and ignore_merges, its
     normalizer, pre-tokenizer, post-processor (Llama's BOS) and decoder, its added tokens. Otherwise
@@ -519,13 +520,19 @@ def save_hf_tokenizer(tok, path):
     adjacent pair of lowest rank) on the token's bytes with only lower ranks allowed stops at exactly
     those two parts. That needs ranks in merge order, as a trained BPE's are; the rebuilt merges are
     checked like an imported file's (_check_bpe_rule), and refused when they would encode differently."""
-    if tok.get("type") == "sp_bpe":
-        raise DataError(f"{tok['name']}: save_hf_tokenizer writes byte-level BPE only, not a SentencePiece-style one")
-    char_of = {b: c for c, b in _byte_of_char().items()}
-    show = lambda b: "".join(char_of[x] for x in b)  # noqa: E731
-    ranks = _ranks(tok)
-    vocab = {show(b): i for b, i in ranks.items()}
-    hf = tok.get("hf")
+    if tok.get("type") == "sp_bpe":  # SentencePiece-style: the source file's steps around our vocabulary and merges
+        if "hf" not in tok:
+            raise DataError(f"{tok['name']}: a SentencePiece-style tokenizer saved before export existed; load it "
+                            f"again from its tokenizer.json")
+        vocab, hf = dict(tok["vocab"]), {**tok["hf"], "model": {
+            "type": "BPE", "dropout": None, "unk_token": tok["unk_token"], "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": tok["fuse_unk"], "byte_fallback": tok["byte_fallback"],
+            "ignore_merges": tok["ignore_merges"], "merges": tok["merges"]}}
+    else:
+        char_of = {b: c for c, b in _byte_of_char().items()}
+        show = lambda b: "".join(char_of[x] for x in b)  # noqa: E731
+        ranks = _ranks(tok)
+        vocab, hf = {show(b): i for b, i in ranks.items()}, tok.get("hf")
     if hf is None:
         merges = _rebuilt_merges(ranks, show, tok["name"])
         _check_bpe_rule(vocab, merges, True, f"{tok['name']}: the rebuilt merges")
@@ -735,7 +742,10 @@ def sp_bpe_tokenizer(spec, path):
             "vocab": vocab, "merges": merges, "unk_token": bpe.get("unk_token"), "fuse_unk": bool(bpe.get("fuse_unk")),
             "byte_fallback": bool(bpe.get("byte_fallback")), "ignore_merges": bool(bpe.get("ignore_merges")),
             "normalizer": normalizer, "pre_tokenizer": pre, "decoder": decoder,
-            "added_tokens": added, "special_tokens": special, "bos_token": bos, "eos_token": eos}
+            "added_tokens": added, "special_tokens": special, "bos_token": bos, "eos_token": eos,
+            # the file's own steps and added tokens, as written, for save_hf_tokenizer
+            "hf": {**{k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")},
+                   "added_tokens": spec.get("added_tokens", [])}}
 
 
 SPLIT_BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")

@@ -176,6 +176,20 @@ def assert_same_as_library(enc, tk, texts):
 # Exactness against the library
 
 
+@pytest.mark.parametrize("style", ["llama_legacy", "metaspace_first", "mistral_v3", "gemma"])
+def test_export_reads_back_in_the_library_to_the_same_ids(style, tmp_path):
+    spec = sp_spec(style)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_text(json.dumps(spec))
+    tok = data.sp_bpe_tokenizer(spec, str(tmp_path / "src" / "tokenizer.json"))
+    data.save_hf_tokenizer(tok, str(tmp_path / "out"))
+    back = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    back.encode_special_tokens = True
+    assert_same_as_library(data.get_encoding(tok), back, CORPUS)
+    assert back.encode("Hello world").ids == library(spec).encode("Hello world").ids  # the BOS post-processor kept
+    assert back.token_to_id("<|end|>") == tok["special_tokens"]["<|end|>"]  # our chat tokens, where ours put them
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_ids_and_text_match_the_library(style, tmp_path):
     spec = sp_spec(style)
