@@ -556,6 +556,15 @@ def save_hf_tokenizer(tok, path):
             "model": {**hf["model"], "vocab": vocab}}
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, "tokenizer.json"), lambda f: f.write(json.dumps(spec, ensure_ascii=False).encode()))
+    # tokenizer_config.json: the chat template (ours in Jinja, or the model's own as it came), so that
+    # transformers' apply_chat_template renders what render_chat does
+    fmt = tok.get("chat_format") or {"name": "ours"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "chat_template": OUR_CHAT_TEMPLATE if fmt["name"] == "ours" else fmt.get("template"),
+              "bos_token": tok.get("bos_token") or fmt.get("bos"),
+              "eos_token": tok.get("eos_token") or (EOT if EOT in tok["special_tokens"] else None)}
+    config = {k: v for k, v in config.items() if v}  # an unsupported template is not written
+    atomic_write(os.path.join(path, "tokenizer_config.json"), lambda f: f.write(json.dumps(config, indent=1).encode()))
 
 
 def _rebuilt_merges(ranks, show, name):
@@ -1310,6 +1319,9 @@ def _template_pieces(fmt, messages, add_generation_prompt):
     return [(p, learn) for p, learn in pieces if p != ""]
 
 
+# This project's template as Jinja, for tokenizer_config.json on export (transformers' apply_chat_template)
+OUR_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 CHAT_FORMATS = {  # name: (the special tokens it needs, the one that ends a turn)
     "ours": (CHAT_TOKENS, "<|end|>"),
     "chatml": (["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
@@ -1375,7 +1387,7 @@ def hf_chat_format(path, specials):
     if "<|im_start|>" in template and has("chatml"):
         default = re.search(r"<\|im_start\|>system" + nl + r"([^'\"{}<]+)<\|im_end\|>", template)
         return {"name": "chatml", "default_system": default.group(1).replace("\\n", "\n") if default else None,
-                "source": where}
+                "source": where, "template": template}
     if "<|start_header_id|>" in template and has("llama3") and "<|begin_of_text|>" in specials:
         date = None
         if "Cutting Knowledge Date" in template:
@@ -1383,10 +1395,10 @@ def hf_chat_format(path, specials):
             date = "today" if "strftime_now" in template else (fixed.group(1) if fixed else None)
             if date is None:
                 return unsupported("a Llama 3 template whose date this renderer cannot read")
-        return {"name": "llama3", "bos": "<|begin_of_text|>", "date": date, "source": where}
+        return {"name": "llama3", "bos": "<|begin_of_text|>", "date": date, "source": where, "template": template}
     if "<start_of_turn>" in template and has("gemma"):
         return {"name": "gemma", "bos": "<bos>" if "<bos>" in specials and "bos_token" in template else None,
-                "system_in_first_user": "first_user_prefix" in template, "source": where}
+                "system_in_first_user": "first_user_prefix" in template, "source": where, "template": template}
     return unsupported("a template this project has no renderer for (it knows ChatML, Llama 3 and "
                        "Gemma 2/3); no Jinja is run here")
 

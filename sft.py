@@ -273,7 +273,13 @@ def main(argv=None):
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step, **metrics}
     if args.export_hf:
-        merged = merge_lora(copy.deepcopy(model)) if args.lora_r else model
+        merged = merge_lora(copy.deepcopy(model)) if args.lora_r else copy.deepcopy(model)
+        # generation_config.json: a reply ends at the end of the turn (transformers' generate stops there)
+        ids, end = dict(merged.config.special_ids) or {"bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token}, \
+            data.end_of_turn(enc)
+        eos = [e for e in (ids["eos_token_id"] if isinstance(ids.get("eos_token_id"), list) else [ids.get("eos_token_id")])
+               if e is not None]
+        merged.config.special_ids = {**ids, "eos_token_id": eos if end in eos else eos + [end]}
         merged.save_pretrained(os.path.join(args.out, "hf"))
         data.save_hf_tokenizer(tokenizer, os.path.join(args.out, "hf"))  # its text, with the chat tokens
         log(f"Hugging Face export (weights, config.json, tokenizer.json): {os.path.join(args.out, 'hf')}")

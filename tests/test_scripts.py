@@ -358,6 +358,13 @@ def test_zero_eval_every_is_a_usage_error_and_the_modern_family_exports_as_llama
     enc = data.get_encoding(data.checkpoint_tokenizer(load_checkpoint(out / "ckpt.pt")))
     text = "What is the capital of France?"
     assert Tokenizer.from_file(str(out / "hf" / "tokenizer.json")).encode(text).ids == data.encode(enc, text)
+    # and the chat template: transformers renders what sft.py trained on, and generate stops at <|end|>
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert list(theirs_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)) == \
+        data.render_chat(enc, chat, add_generation_prompt=True)[0]
+    generation = json.loads((out / "hf" / "generation_config.json").read_text())
+    assert data.special_id(enc, "<|end|>") in generation["eos_token_id"]
     assert Tokenizer.from_file(str(out / "hf" / "tokenizer.json")).token_to_id("<|end|>") == data.special_id(enc, "<|end|>")
 
 
