@@ -1124,17 +1124,25 @@ def prepare_tokens(data_path, enc, cache_dir, val_fraction=0.1):
 
     Each document is followed by <|endoftext|>. The last val_fraction of the token stream is the
     validation split (for a single text file: its end, as nanoGPT does for Shakespeare). A cache
-    whose inputs (paths, sizes, times), tokenizer and split are unchanged is reused.
+    whose inputs (paths and contents: a SHA-256 of each file), tokenizer and split are unchanged, and
+    whose tokens.bin holds every token meta.json counts, is reused.
     """
     files = list_input_files(data_path)
-    key = hashlib.sha256(json.dumps([[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
-                                    + [enc.name, enc.n_vocab, val_fraction]).encode()).hexdigest()
+    digests = []
+    for path in files:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append([os.path.abspath(path), h.hexdigest()])
+    key = hashlib.sha256(json.dumps(digests + [enc.name, enc.n_vocab, val_fraction]).encode()).hexdigest()
     meta_path, bin_path = os.path.join(cache_dir, "meta.json"), os.path.join(cache_dir, "tokens.bin")
     meta = None
     if os.path.exists(meta_path) and os.path.exists(bin_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta.get("key") != key:
+        whole = meta.get("n_tokens", -1) * np.dtype(meta.get("dtype", "uint16")).itemsize == os.path.getsize(bin_path)
+        if meta.get("key") != key or not whole:
             meta = None
     if meta is None:
         meta = _tokenize_files(files, enc, bin_path, key, val_fraction)
@@ -1155,13 +1163,20 @@ def _tokenize_files(files, enc, bin_path, key, val_fraction):
                 # Shakespeare's 7,222 speeches (thread start-up per document; bench/bench_data.py)
                 for text in read_documents(path):
                     ids = enc.encode_ordinary(text)
-                    np.asarray(ids + [enc.eot_token], dtype=dtype).tofile(out)
-                    counts["tokens"] += len(ids) + 1
+                    out.write(np.asarray(ids + [enc.eot_token], dtype=dtype).tobytes())  # raises when the disk
+                    counts["tokens"] += len(ids) + 1                                    # is full (tofile did not)
                     counts["docs"] += 1
                 bar.update(os.path.getsize(path))
+        out.flush()
+        written, want = os.fstat(out.fileno()).st_size, counts["tokens"] * np.dtype(dtype).itemsize
+        if written != want:
+            raise DataError(f"{bin_path}: wrote {written:,} of {want:,} bytes of tokens (disk full?)")
 
     os.makedirs(os.path.dirname(bin_path), exist_ok=True)
-    atomic_write(bin_path, write_tokens)
+    try:
+        atomic_write(bin_path, write_tokens)  # a temporary file renamed when whole: never a truncated cache
+    except OSError as e:
+        raise DataError(f"{bin_path}: cannot write the token cache: {e.strerror or e}") from None
     return {"key": key, "dtype": np.dtype(dtype).name, "n_tokens": counts["tokens"],
             "n_train": int(counts["tokens"] * (1 - val_fraction)), "n_docs": counts["docs"], "files": files,
             "tokenizer": enc.name}

@@ -135,3 +135,39 @@ def test_single_process_stages_refuse_torchrun(monkeypatch, checkpoints, tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="sft.py runs in one process"):
         sft.main(["--init-from", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
+
+
+def test_the_token_cache_follows_content_and_is_never_kept_truncated(tmp_path, enc):
+    import os
+
+    import data
+    text = tmp_path / "a.txt"
+    text.write_text("alpha beta gamma\n" * 50)
+    cache = str(tmp_path / "cache")
+    train, val = data.prepare_tokens(str(text), enc, cache)
+    first = list(train[:3])
+    stat = os.stat(text)
+    text.write_text("delta omega zeta\n" * 50)  # same size, same modification time: an edit all the same
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    train, val = data.prepare_tokens(str(text), enc, cache)
+    assert list(train[:3]) != first and list(train[:3]) == data.encode(enc, "delta omega zeta\n")[:3]
+    n = len(train) + len(val)
+    with open(os.path.join(cache, "tokens.bin"), "r+b") as f:  # a cache cut short by an earlier failure
+        f.truncate(n)  # half of the 2-byte tokens
+    train, val = data.prepare_tokens(str(text), enc, cache)
+    assert len(train) + len(val) == n  # rebuilt, not reused
+
+
+def test_a_token_cache_that_cannot_be_written_whole_is_an_error_and_leaves_nothing(tmp_path):
+    """A file-size limit stands in for a full disk: the write fails, and neither tokens.bin nor meta.json
+    is left for the next run to trust (before: tofile failed silently and meta.json counted every token)."""
+    import subprocess
+    import sys
+    text = tmp_path / "big.txt"
+    text.write_text("some words for the cache " * 4000)
+    script = (f"import resource, sys; sys.path.insert(0, {str(__import__('os').getcwd())!r}); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); import data; "
+              f"data.prepare_tokens({str(text)!r}, data.get_encoding(data.gpt2_tokenizer()), {str(tmp_path / 'c')!r})")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "cannot write the token cache" in run.stderr, run.stderr[-500:]
+    assert not (tmp_path / "c" / "meta.json").exists() and not (tmp_path / "c" / "tokens.bin").exists()
