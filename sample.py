@@ -64,6 +64,22 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def fit_conversation(enc, messages, room):
+    """The conversation rendered for a reply in at most room tokens: the oldest exchanges (a user turn and
+    its reply) are dropped whole, the system prompt and the template's markers kept. Returns the ids and
+    how many messages were dropped; a system prompt and last user turn that alone do not fit is an error."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    while True:
+        ids, _ = data.render_chat(enc, system + rest, add_generation_prompt=True)
+        if len(ids) <= room:
+            return ids, len(messages) - len(system) - len(rest)
+        if len(rest) <= 1:
+            sys.exit(f"error: the prompt takes {len(ids)} tokens in the chat template, more than the {room} the model's "
+                     f"context leaves for it; shorten it (or the system prompt, or --max-new-tokens)")
+        rest = rest[2:]
+
+
 def stream_reply(model, enc, ids, args, temperature, stop):
     """Generate after ids, printing each piece as it comes; returns the generated text (decoded whole, as
     the tokenizer decodes: the printed stream may show a broken UTF-8 sequence differently)."""
@@ -108,6 +124,8 @@ def main(argv=None):
     if args.chat and not is_chat:
         sys.exit(f"error: {args.init_from} is not a chat model (train one with sft.py)")
     system = [{"role": "system", "content": args.system}] if args.system else []
+    # a chat prompt must fit with room to answer: the template's structure is never cut (fit_conversation)
+    room = max(model.config.block_size - args.max_new_tokens, model.config.block_size // 2)
 
     if args.eval:  # one JSON line for machines, one summary line for people, eval.json for later
         metrics = data.evaluate_world(model, enc, world, is_chat, rt.device, rt.autocast)
@@ -127,7 +145,9 @@ def main(argv=None):
             if user.strip() == "/exit":
                 break
             messages.append({"role": "user", "content": user})
-            ids, _ = data.render_chat(enc, messages, add_generation_prompt=True)
+            ids, dropped = fit_conversation(enc, messages, room)
+            if dropped:
+                print(f"(the {dropped} oldest messages no longer fit the context and were left out)", file=sys.stderr)
             print("assistant> ", end="", flush=True)
             with rt.autocast():
                 replies.append(stream_reply(model, enc, ids, args, temperature, data.end_of_turn(enc)))
@@ -135,10 +155,13 @@ def main(argv=None):
         return replies
 
     if is_chat:  # one user turn; the reply ends at the end of the turn (<|end|>, <|im_end|>, ...)
-        ids, _ = data.render_chat(enc, system + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids, _ = fit_conversation(enc, system + [{"role": "user", "content": prompt}], room)
         stop = data.end_of_turn(enc)
     else:        # plain continuation; an empty prompt starts a new document
         ids, stop = data.encode(enc, prompt) or [enc.eot_token], enc.eot_token
+        if len(ids) > model.config.block_size:
+            print(f"(the prompt's first {len(ids) - model.config.block_size} tokens do not fit the context of "
+                  f"{model.config.block_size} and are left out)", file=sys.stderr)
     if args.ignore_eot:
         stop = None
 

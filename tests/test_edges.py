@@ -171,3 +171,17 @@ def test_a_token_cache_that_cannot_be_written_whole_is_an_error_and_leaves_nothi
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "cannot write the token cache" in run.stderr, run.stderr[-500:]
     assert not (tmp_path / "c" / "meta.json").exists() and not (tmp_path / "c" / "tokens.bin").exists()
+
+
+def test_a_chat_longer_than_the_context_drops_whole_old_turns_and_keeps_the_system_prompt(enc):
+    import data
+    import sample
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = [{"role": r, "content": f"message number {i} " * 3} for i, r in enumerate(["user", "assistant"] * 4)]
+    messages = system + turns + [{"role": "user", "content": "last question?"}]
+    whole, _ = data.render_chat(enc, messages, add_generation_prompt=True)
+    ids, dropped = sample.fit_conversation(enc, messages, len(whole) - 1)
+    assert dropped == 2 and ids == data.render_chat(enc, system + turns[2:] + messages[-1:], True)[0]
+    assert ids[:2] == whole[:2] == [data.special_id(enc, "<|system|>")] + data.encode(enc, "Be brief.")[:1]
+    with pytest.raises(SystemExit, match="the prompt takes .* tokens in the chat template"):
+        sample.fit_conversation(enc, system + [messages[-1]], 3)
