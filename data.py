@@ -1023,9 +1023,12 @@ def iter_documents(path, field="text", separator="", on_bad=None):
 
     n_docs = 0
     with open(path, "rb") as f:
-        if b"\0" in f.read(8192):  # text never holds NUL bytes; images, archives and models nearly always do
+        head = f.read(8192)
+        if compressed := _compression(head):
+            return bad(f"{path}: a {compressed} file, not text: decompress it first")
+        if b"\0" in head:  # text never holds NUL bytes; images, archives and models nearly always do
             return bad(f"{path}: binary file (NUL bytes), not text")
-        f.seek(0)
+        f.seek(3 if head.startswith(BOM) else 0)  # a UTF-8 byte-order mark (Windows editors) is not text
         jsonl = path.endswith(".jsonl")
         doc, doc_line, doc_ok = [], 1, True
         for lineno, raw in enumerate(f, 1):  # splits on b"\n" only: JSON strings may hold U+2028
@@ -1059,6 +1062,15 @@ def iter_documents(path, field="text", separator="", on_bad=None):
             yield doc_line, "".join(doc)
     if n_docs == 0 and doc_ok:
         bad(f"{path}: file is empty")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _compression(head):
+    """The name of the compressed format a file's first bytes announce, or None."""
+    magic = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+    return next((name for m, name in magic.items() if head.startswith(m)), None)
 
 
 def _json_field(line, field, where, bad):
@@ -1197,6 +1209,10 @@ def iter_jsonl(path):
         raise DataError(f"{path}: no such file")
     n_records = 0
     with open(path, "rb") as f:
+        head = f.read(8)
+        if compressed := _compression(head):
+            raise DataError(f"{path}: a {compressed} file, not text: decompress it first")
+        f.seek(3 if head.startswith(BOM) else 0)  # a UTF-8 byte-order mark is not text
         for lineno, raw in enumerate(f, 1):  # splits on b"\n" only: JSON strings may hold U+2028
             try:
                 line = raw.decode("utf-8")
@@ -1214,6 +1230,12 @@ def iter_jsonl(path):
         raise DataError(f"{path}: file is empty")
 
 
+def _json_type(value):
+    """The JSON name of a parsed value's type, for messages: null, a number, an object..."""
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def _messages(value, where, field):
     """value as a list of {"role", "content"} messages (other keys dropped), or a DataError naming field."""
     if not isinstance(value, list) or not all(
@@ -1224,6 +1246,8 @@ def _messages(value, where, field):
 
 def _prompt(value, where, field="prompt"):
     """A prompt (a string: one user turn, or a message list) as messages ending with the user turn to answer."""
+    if not isinstance(value, (str, list)):
+        raise DataError(f"{where}: {field!r} must be a string or a list of messages, not {_json_type(value)}")
     messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where, field)
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: {field!r} must end with a user turn (the one a reply answers)")
@@ -1241,11 +1265,13 @@ def to_messages(record, where, need_reply=True):
         messages = _messages(record["messages"], where, "messages")
     elif isinstance(record.get("instruction"), str):
         user = record["instruction"]
+        if record.get("input") is not None and not isinstance(record["input"], str):
+            raise DataError(f"{where}: 'input' must be a string, not {_json_type(record['input'])}")
         if isinstance(record.get("input"), str) and record["input"].strip():
             user += "\n\n" + record["input"]  # Alpaca's optional context follows the instruction
-        messages = [{"role": "user", "content": user}] + _reply(record, "output")
+        messages = [{"role": "user", "content": user}] + _reply(record, "output", where)
     elif isinstance(record.get("prompt"), (str, list)):
-        messages = _prompt(record["prompt"], where) + _reply(record, "completion")
+        messages = _prompt(record["prompt"], where) + _reply(record, "completion", where)
     else:
         raise DataError(f"{where}: record fits none of Alpaca (instruction/input/output), chat (messages) "
                         "or prompt/completion")
@@ -1254,8 +1280,10 @@ def to_messages(record, where, need_reply=True):
     return messages
 
 
-def _reply(record, field):
+def _reply(record, field, where):
     """The assistant message of a record's reply field (Alpaca's output, a completion), or none."""
+    if record.get(field) is not None and not isinstance(record[field], str):
+        raise DataError(f"{where}: {field!r} must be a string, not {_json_type(record[field])}")
     return [{"role": "assistant", "content": record[field]}] if isinstance(record.get(field), str) else []
 
 

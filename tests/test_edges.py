@@ -185,3 +185,36 @@ def test_a_chat_longer_than_the_context_drops_whole_old_turns_and_keeps_the_syst
     assert ids[:2] == whole[:2] == [data.special_id(enc, "<|system|>")] + data.encode(enc, "Be brief.")[:1]
     with pytest.raises(SystemExit, match="the prompt takes .* tokens in the chat template"):
         sample.fit_conversation(enc, system + [messages[-1]], 3)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"instruction": "Add.", "output": 5}, "'output' must be a string, not a number"),
+    ({"instruction": "Add.", "input": 7, "output": "12"}, "'input' must be a string, not a number"),
+    ({"prompt": None, "completion": "x"}, "fits none"),
+])
+def test_a_field_of_the_wrong_type_is_named_with_its_type(record, message):
+    import data
+    with pytest.raises(data.DataError, match=message):
+        data.to_messages(record, "f.jsonl:1")
+
+
+def test_a_preference_prompt_of_null_says_so():
+    import data
+    with pytest.raises(data.DataError, match="'prompt' must be a string or a list of messages, not null"):
+        data.to_pair({"prompt": None, "chosen": "a", "rejected": "b"}, "p.jsonl:3")
+
+
+def test_a_byte_order_mark_is_accepted_and_a_gzip_file_is_named(tmp_path):
+    import gzip
+
+    import data
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "hello"}\n{"text": "world"}\n')
+    assert [t for _, t in data.iter_documents(str(tmp_path / "bom.jsonl"))] == ["hello", "world"]
+    assert [r for _, r in data.iter_jsonl(str(tmp_path / "bom.jsonl"))] == [{"text": "hello"}, {"text": "world"}]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain text\n")
+    assert [t for _, t in data.iter_documents(str(tmp_path / "bom.txt"))] == ["plain text\n"]
+    (tmp_path / "z.jsonl").write_bytes(gzip.compress(b'{"text": "hello"}\n'))
+    with pytest.raises(data.DataError, match="a gzip file, not text: decompress it first"):
+        list(data.iter_documents(str(tmp_path / "z.jsonl")))
+    with pytest.raises(data.DataError, match="gzip"):
+        list(data.iter_jsonl(str(tmp_path / "z.jsonl")))
