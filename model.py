@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -1102,15 +1103,20 @@ def claim_out_dir(out, single_process=None):
     if single_process and world > 1:
         raise SystemExit(f"error: {single_process} runs in one process; under torchrun it would start {world} "
                          f"unsynchronised copies (pretrain.py is the data-parallel stage)")
-    os.makedirs(out, exist_ok=True)
+    try:  # a directory that cannot be written fails now, not after training
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a")
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e})") from None
     key = os.path.realpath(out)
     if int(os.environ.get("RANK", 0)) != 0 or key in _HELD_LOCKS:
+        f.close()
         return
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the directory is used unlocked
+        f.close()
         return
-    f = open(os.path.join(out, ".lock"), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1120,12 +1126,27 @@ def claim_out_dir(out, single_process=None):
     _HELD_LOCKS[key] = f
 
 
+def _tensor_bytes(x):
+    """Bytes of all tensors in a nested checkpoint dict: about the size torch.save writes."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    return sum(_tensor_bytes(v) for v in values)
+
+
 def save_checkpoint(path, **state):
     """Save a dict (model, model_config, tokenizer, args, step, ...) to path, atomically, with its
     checkpoint_digest, which load_checkpoint checks."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state["sha256"] = checkpoint_digest(state)
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "unexpected pos ..."
+        free, need = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free, _tensor_bytes(state)
+        why = (f"no space left on the device ({free / 2**20:,.0f} MB free, {need / 2**20:,.0f} MB needed)"
+               if free < need + 2**20 else str(e).splitlines()[0])
+        raise SystemExit(f"error: {path}: the checkpoint could not be written: {why}; the previous one, if any, "
+                         f"is kept") from None
 
 
 def save_stage(out_dir, model, lora_base=None, fingerprint=None, **state):
@@ -1234,6 +1255,8 @@ def rng_state(device):
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -1241,6 +1264,8 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
@@ -1399,7 +1424,16 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
                  f"pass --device cuda (or choose GPUs with CUDA_VISIBLE_DEVICES)")
     if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per torchrun process; cuda:0 in a plain run
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        sys.exit(f"error: --device {device}: not a device (auto, cpu, cuda, cuda:N or mps)")
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present.get(device.type, False):
+        sys.exit(f"error: --device {device}: {'none on this machine' if device.type in present else 'not supported'} "
+                 f"(auto picks what there is)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"error: --device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 speed on Ampere+, same loss curves

@@ -218,3 +218,53 @@ def test_a_byte_order_mark_is_accepted_and_a_gzip_file_is_named(tmp_path):
         list(data.iter_documents(str(tmp_path / "z.jsonl")))
     with pytest.raises(data.DataError, match="gzip"):
         list(data.iter_jsonl(str(tmp_path / "z.jsonl")))
+
+
+@pytest.mark.parametrize("device,message", [("foo", "not a device"), ("cuda", "none on this machine"),
+                                            ("mps", "none on this machine")])
+def test_an_unknown_or_absent_device_is_one_line(device, message):
+    import torch
+
+    import model
+    if (device == "cuda" and torch.cuda.is_available()) or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {device}")
+    with pytest.raises(SystemExit, match=message):
+        model.setup_runtime(device)
+
+
+def test_a_read_only_out_fails_at_once(tmp_path):
+    import os
+
+    import model
+    if os.geteuid() == 0:  # root writes anywhere: stand in with a path under a file
+        (tmp_path / "file").write_text("x")
+        out = str(tmp_path / "file" / "out")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = str(tmp_path / "ro" / "out")
+    with pytest.raises(SystemExit, match="cannot write there"):
+        model.claim_out_dir(out)
+
+
+def test_a_full_disk_while_saving_says_so(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    import model
+
+    def full(state, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 2048")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 1000))
+    with pytest.raises(SystemExit, match="no space left on the device"):
+        model.save_checkpoint(str(tmp_path / "ckpt.pt"), model={"w": torch.zeros(1000)})
+    assert not list(tmp_path.iterdir())  # no partial file left
+
+
+def test_the_mps_random_stream_is_saved(monkeypatch):
+    import torch
+
+    import model
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    assert model.rng_state(torch.device("mps"))["mps"].tolist() == [7]

@@ -944,6 +944,13 @@ def test_rope_tables_stay_fp32_in_a_bf16_model(tiny_config, monkeypatch):
     monkeypatch.setattr(model, "apply_rope", lambda x, cos, sin: seen.append(cos.dtype) or real(x, cos, sin))
     m(tokens(1, 8))
     assert seen and set(seen) == {torch.float32}
+    # and their values: the angles of a model cast to bf16 are the fp32 ones (a cast buffer kept 8 bits)
+    seen_values = []
+    monkeypatch.setattr(model, "apply_rope", lambda x, cos, sin: seen_values.append(cos) or real(x, cos, sin))
+    m(tokens(1, 16))
+    want, _ = model.rope_tables(torch.arange(16), m.config.head_dim, m.config.rope_theta)
+    assert torch.equal(seen_values[0].reshape(want.shape), want)
+    assert not torch.equal(want.bfloat16().float(), want)  # bf16 would have changed them
 
 
 def test_positive_int_rejects_zero():
