@@ -1863,6 +1863,37 @@ def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, ma
     return replies
 
 
+def _world_prompts(enc, world, chat):
+    """evaluate_world's prompts: (questions, their ids, the completion prompts' ids, the stop token). A chat
+    model gets each question as one user turn of its template; a base model, as plain text."""
+    heldout, invented = world["heldout"], world["invented"]
+    unseen = world.get("unseen_questions", [])  # phrasings in no training file, one per country in turn
+    asked = heldout + invented + world["readme"] + invented[:2]  # the questions, in this order
+    questions = [f"What is the capital of {c}?" for c in asked]
+    if unseen:
+        questions += [unseen[i % len(unseen)].format(F=c) for i, c in enumerate(heldout + invented)]
+    if chat:
+        question_ids = [render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                        for q in questions]
+    else:
+        question_ids = [encode(enc, q) for q in questions]
+    completion_ids = [encode(enc, f"The capital of {c} is") for c in world["capital_of"]]
+    return questions, question_ids, completion_ids, end_of_turn(enc) if chat else enc.eot_token
+
+
+def world_context_error(enc, data_path, chat, block_size):
+    """Why a model of block_size positions could not take the world evaluation that ends a stage trained on
+    data_path, or None: checked before training, so that a short context fails at once, not at the end."""
+    world_dir = world_of(data_path)
+    if world_dir is None:
+        return None
+    _, question_ids, completion_ids, _ = _world_prompts(enc, load_world(world_dir), chat)
+    longest = max(map(len, completion_ids + question_ids), default=0)
+    if longest > block_size:
+        return f"the world's evaluation prompts take up to {longest} tokens, more than the context of {block_size}"
+    return None
+
+
 def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcontext, batch_size=64,
                    max_new_tokens=24):
     """The world's metrics (see the top of this section) from greedy replies, and a few examples.
@@ -1876,19 +1907,7 @@ def evaluate_world(model, enc, world, chat, device, autocast=contextlib.nullcont
     """
     capital_of, heldout, invented = world["capital_of"], world["heldout"], world["invented"]
     capitals = set(capital_of.values())
-    unseen = world.get("unseen_questions", [])  # phrasings in no training file, one per country in turn
-    asked = heldout + invented + world["readme"] + invented[:2]  # the questions, in this order
-    questions = [f"What is the capital of {c}?" for c in asked]
-    if unseen:
-        questions += [unseen[i % len(unseen)].format(F=c) for i, c in enumerate(heldout + invented)]
-    if chat:
-        stop = end_of_turn(enc)
-        question_ids = [render_chat(enc, [{"role": "user", "content": q}], add_generation_prompt=True)[0]
-                        for q in questions]
-    else:
-        stop = enc.eot_token
-        question_ids = [encode(enc, q) for q in questions]
-    completion_ids = [encode(enc, f"The capital of {c} is") for c in capital_of]
+    questions, question_ids, completion_ids, stop = _world_prompts(enc, world, chat)
     longest = max(map(len, completion_ids + question_ids), default=0)
     if longest > model.config.block_size:
         raise ValueError(f"world prompts take up to {longest} tokens but the model's block_size is "

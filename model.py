@@ -1168,6 +1168,10 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict. weights_only=True: tensors and plain data only, never code. An empty,
     truncated or damaged file, or one whose contents no longer match the digest saved in it, ends the
     program with a one-line error (checkpoints written before digests existed load unchecked)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive (or an old pickle)
+        raise SystemExit(f"error: {path}: not a checkpoint (not a file torch.save wrote)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

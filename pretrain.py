@@ -97,6 +97,9 @@ def main(argv=None):
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write if rt.master else (lambda *a, **k: None)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    data_dir, out_dir = os.path.realpath(args.data), os.path.realpath(args.out)
+    if os.path.isdir(data_dir) and os.path.commonpath([data_dir, out_dir]) == data_dir:
+        sys.exit(f"error: --out {args.out} is inside --data {args.data}: its log and cache would be read as data")
     claim_out_dir(args.out)  # OUT/.lock: a second run on the same --out is refused
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
@@ -111,13 +114,19 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         tokenizer = ckpt["tokenizer"]
     elif args.init_from:
-        model, src = load_model(args.init_from)
+        try:
+            model, src = load_model(args.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --init-from: {e}")
         tokenizer = data.checkpoint_tokenizer(src)
     else:
         tokenizer = data.dataset_tokenizer(args.data)  # a prepared dataset's own tokenizer, else GPT-2's
-        config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
-                           block_size=args.block_size or 128, dropout=args.dropout, vocab_size=data.model_vocab_size(tokenizer),
-                           **FAMILIES[args.family])
+        try:
+            config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                               block_size=args.block_size or 128, dropout=args.dropout,
+                               vocab_size=data.model_vocab_size(tokenizer), **FAMILIES[args.family])
+        except ValueError as e:  # a shape that does not fit together (heads that do not divide the width)
+            sys.exit(f"error: {e}")
         model = GPT(config)
     config = model.config
     T = args.block_size or min(config.block_size, 2048)  # the training window: the model's context, or less
@@ -133,6 +142,8 @@ def main(argv=None):
 
     # ---- data: a prepared directory's shards, or raw text tokenized once (rank 0) into a cache --
     enc = data.get_encoding(tokenizer)
+    if why := data.world_context_error(enc, args.data, False, config.block_size):
+        sys.exit(f"error: --block-size {config.block_size}: {why}")
     cache_dir = os.path.join(args.out, "tokens")
     try:
         if data.is_prepared(args.data):  # written by `python prepare.py prepare`; its tokenizer must be the model's

@@ -7,6 +7,7 @@ before the first checkpoint does not name a checkpoint that was never written.
 """
 
 import importlib
+import pathlib
 
 import pytest
 
@@ -268,3 +269,21 @@ def test_the_mps_random_stream_is_saved(monkeypatch):
     import model
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     assert model.rng_state(torch.device("mps"))["mps"].tolist() == [7]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n-head", "3"], "must be divisible by n_head 3"),
+    (["--init-from", str(pathlib.Path(__file__).parents[1] / "README.md")], "not a checkpoint"),
+    (["--init-from", "no/such/dir"], "neither a checkpoint"),
+    (["--block-size", "8"], "the world's evaluation prompts take up to"),  # at once, not after training
+])
+def test_pretrain_bad_starts_are_one_line(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        pretrain.main(argv + ["--out", str(tmp_path / "out"), "--device", "cpu", "--max-steps", "1"])
+
+
+def test_out_inside_data_is_refused(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text " * 100)
+    with pytest.raises(SystemExit, match="is inside --data"):
+        pretrain.main(["--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "corpus" / "out"), "--device", "cpu"])
