@@ -36,6 +36,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -43,6 +44,13 @@ import data
 from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, claim_out_dir, \
     configure_optimizer, get_lr, in_range, load_checkpoint, load_model, optimizer_step, peak_flops, positive_int, \
     restore_training_state, resume_args, save_checkpoint, set_rng_state, setup_runtime, training_state
+
+
+def text_loss(loss, targets, byte_lengths):
+    """(Σ loss over the targets that are text, Σ their bytes): bits per byte = the first / ln 2 / the second.
+    A token of no bytes (<|endoftext|>) is left out of both, as nanochat does: its loss is not text's."""
+    text = byte_lengths[targets] > 0
+    return loss[text].sum().item(), byte_lengths[targets].sum().item()
 
 
 def get_args(argv=None):
@@ -192,21 +200,24 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate():
         """Mean validation loss in nats per token, and in bits per byte: Σ loss / ln 2 / Σ bytes of the
-        target tokens, which does not depend on the tokenizer, so runs with different vocabularies compare."""
+        target tokens, which does not depend on the tokenizer, so runs with different vocabularies compare.
+        Tokens of no bytes (<|endoftext|>) count in neither sum, as in nanochat: their loss is not text."""
         raw_model.eval()
-        nats, n_tokens, n_bytes = 0.0, 0, 0
+        nats, n_tokens, text_nats, n_bytes = 0.0, 0, 0.0, 0
         for x, y in val.eval_batches(args.eval_batches):
             with rt.autocast():
-                _, loss = raw_model(x, y)
-            nats += loss.item() * y.numel()
+                logits, _ = raw_model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+            nats += loss.sum().item()
             n_tokens += y.numel()
-            n_bytes += byte_lengths[y].sum().item()
+            batch_nats, batch_bytes = text_loss(loss, y.flatten(), byte_lengths)
+            text_nats, n_bytes = text_nats + batch_nats, n_bytes + batch_bytes
         prompt = torch.tensor([data.encode(enc, args.sample_prompt) or [enc.eot_token]], device=rt.device)
         g = torch.Generator(device=rt.device).manual_seed(0)  # its own RNG: sampling must not move training's
         with rt.autocast():
             out = raw_model.generate(prompt, 64, temperature=0.8, top_k=200, generator=g)
         raw_model.train()
-        return nats / n_tokens, nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
+        return nats / n_tokens, text_nats / math.log(2) / n_bytes, data.decode(enc, out[0].tolist())
 
     if ckpt is not None:  # restored last, so that no set-up work above draws from the restored stream
         per_rank = ckpt.get("rng_per_rank") or []

@@ -287,3 +287,10 @@ def test_out_inside_data_is_refused(tmp_path):
     (tmp_path / "corpus" / "a.txt").write_text("text " * 100)
     with pytest.raises(SystemExit, match="is inside --data"):
         pretrain.main(["--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "corpus" / "out"), "--device", "cpu"])
+
+
+def test_bits_per_byte_leave_out_tokens_of_no_bytes():
+    import torch
+    loss, targets = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2])
+    byte_lengths = torch.tensor([2, 0, 4])  # token 1 is <|endoftext|>: no bytes
+    assert pretrain.text_loss(loss, targets, byte_lengths) == (4.0, 6)  # 1 + 3 nats over 2 + 4 bytes, not 6 / 6
