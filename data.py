@@ -1081,6 +1081,10 @@ def _json_field(line, field, where, bad):
         return bad(f"{where}: not valid JSON ({e.msg})")
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         return bad(f"{where}: record has no string field {field!r}")
+    try:
+        record[field].encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escape: a half of a surrogate pair, which no text holds
+        return bad(f"{where}: {field!r} holds a lone surrogate ({record[field][e.start]!r}), not valid Unicode")
     return record[field]
 
 

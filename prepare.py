@@ -74,6 +74,12 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def download_path(url, out):
+    """Where download writes: out, or in a directory out the URL's own file name."""
+    import urllib.parse
+    return os.path.join(out, os.path.basename(urllib.parse.urlparse(url).path) or "download") if os.path.isdir(out) else out
+
+
 def download(url, path, sha256=None, timeout=60):
     """Download url to path with a progress bar, resumable, verified; returns the file's sha256.
 
@@ -83,6 +89,7 @@ def download(url, path, sha256=None, timeout=60):
     """
     import urllib.error
     import urllib.request
+    path = download_path(url, path)
     if os.path.exists(path):
         digest = file_sha256(path)
         if sha256 and digest != sha256:
@@ -1048,7 +1055,7 @@ def get_args(argv=None):
     d = sub.add_parser("download", formatter_class=fmt, help="step 1: fetch a public corpus (resumable, checksummed)")
     d.add_argument("--url", default=TINYSTORIES_URL, help="what to download (default: TinyStories V2 validation, 22.5 MB)")
     d.add_argument("--sha256", default="", help="expected sha256 of the file ('' = print it instead of checking)")
-    d.add_argument("--out", required=True, help="file to write")
+    d.add_argument("--out", required=True, help="file to write (a directory: the URL's file name in it)")
     return p.parse_args(argv)
 
 
@@ -1070,8 +1077,9 @@ def main(argv=None):
             print(f"{tok['name']}: trained in {seconds:.1f} s; wrote {args.out}")
             return {"name": tok["name"], "seconds": seconds, "out": args.out}
         digest = download(args.url, args.out, args.sha256 or None)
-        print(f"{args.out}: sha256 {digest}" + ("" if args.sha256 else " (pass --sha256 to verify it next time)"))
-        return {"out": args.out, "sha256": digest}
+        path = download_path(args.url, args.out)
+        print(f"{path}: sha256 {digest}" + ("" if args.sha256 else " (pass --sha256 to verify it next time)"))
+        return {"out": path, "sha256": digest}
     except DataError as e:
         sys.exit(f"error: {e}")
 

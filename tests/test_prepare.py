@@ -558,6 +558,23 @@ def test_download_verifies_and_resumes(server, tmp_path):
     assert open(tmp_path / "done.txt", "rb").read() == payload
 
 
+def test_download_into_a_directory_takes_the_urls_file_name(server, tmp_path):
+    result = prepare.main(["download", "--url", server, "--out", str(tmp_path)])
+    assert result["out"] == str(tmp_path / "corpus.txt") and open(tmp_path / "corpus.txt", "rb").read() == FileServer.payload
+
+
+def test_a_lone_surrogate_is_a_bad_record_not_a_crash(tmp_path):
+    (tmp_path / "in").mkdir()
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tinyshakespeare.txt")) as f:
+        text = f.read(20_000)
+    docs = [text[:2000], "\ud800 " + text[2000:4000]] + [text[i:i + 2000] for i in range(4000, 20000, 2000)]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = prepare.main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1",
+                           "--vocab-size", "300"])
+    ingest = result["steps"]["ingest"]
+    assert ingest["docs"] == 9 and ingest["bad_input"]["count"] == 1, ingest
+
+
 def test_download_restarts_when_the_server_ignores_ranges(server, tmp_path):
     FileServer.ignore_range = True
     write(tmp_path / "c.txt.part", b"stale bytes that must not stay in front")
