@@ -113,6 +113,11 @@ def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, train_rows
     for name, module in model.named_modules():
         if isinstance(getattr(module, "weight", None), nn.Parameter):
             owners.setdefault(id(module.weight), []).append(name)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in targets if not any(n.endswith(t) for n in linears)]
+    if unknown:  # a misspelt target would silently train less than asked
+        names = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in linears})
+        raise ValueError(f"LoRA targets {unknown} match no linear layer; this model's are {names}")
     wrapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

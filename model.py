@@ -1190,7 +1190,7 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def load_model(init_from, map_location="cpu"):
+def load_model(init_from, map_location="cpu", _adapters=()):
     """Model and checkpoint dict from this project's checkpoint (file or directory with ckpt.pt), a LoRA
     adapter file (OUT/adapter.pt: its base is loaded and the adapter merged in), or a Hugging Face GPT-2
     directory. The tokenizer of any of them: data.checkpoint_tokenizer(ckpt)."""
@@ -1198,7 +1198,11 @@ def load_model(init_from, map_location="cpu"):
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, map_location)
         if "model" not in ckpt and "lora" in ckpt:  # adapter-only: what trained, and the identity of its base
-            model, base = load_model(ckpt["base"], map_location)
+            here = os.path.realpath(path)
+            base_file = ckpt["base"] if not os.path.isdir(ckpt["base"]) else os.path.join(ckpt["base"], "ckpt.pt")
+            if os.path.realpath(base_file) in (here, *_adapters):  # an adapter on itself would recurse forever
+                raise ValueError(f"{path}: the adapter's base {ckpt['base']} is the adapter itself")
+            model, base = load_model(ckpt["base"], map_location, (*_adapters, here))
             lora.merge_lora(lora.load_lora(model, ckpt))  # refuses a base with other weights
             return model, {**base, "model_config": asdict(model.config), "step": ckpt["step"],
                            "chat": ckpt.get("chat", base.get("chat", False))}

@@ -294,3 +294,23 @@ def test_bits_per_byte_leave_out_tokens_of_no_bytes():
     loss, targets = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2])
     byte_lengths = torch.tensor([2, 0, 4])  # token 1 is <|endoftext|>: no bytes
     assert pretrain.text_loss(loss, targets, byte_lengths) == (4.0, 6)  # 1 + 3 nats over 2 + 4 bytes, not 6 / 6
+
+
+def test_lora_targets_that_match_nothing_are_named(tiny_config):
+    import lora
+    import model
+    m = model.GPT(tiny_config("modern"))
+    with pytest.raises(ValueError, match=r"LoRA targets \['atn.proj'\] match no linear layer; this model's are"):
+        lora.apply_lora(m, 4, 8.0, targets=["attn.qkv", "atn.proj"])
+
+
+def test_an_adapter_whose_base_is_itself_is_refused(tmp_path):
+    import model
+    path = str(tmp_path / "adapter.pt")
+    model.save_checkpoint(path, lora={}, base=path, step=1)
+    with pytest.raises(ValueError, match="is the adapter itself"):
+        model.load_model(path)
+    model.save_checkpoint(str(tmp_path / "a.pt"), lora={}, base=str(tmp_path / "b.pt"), step=1)  # a -> b -> a
+    model.save_checkpoint(str(tmp_path / "b.pt"), lora={}, base=str(tmp_path / "a.pt"), step=1)
+    with pytest.raises(ValueError, match="is the adapter itself"):
+        model.load_model(str(tmp_path / "a.pt"))
