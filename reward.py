@@ -118,8 +118,13 @@ def fit_pair(prompt, chosen, rejected, max_len):
 def score_answers(model, prompts, answers, enc, rt, batch_size=128):
     """Scores (N,), fp32, of answer texts to prompt token lists: each answer ends with <|end|> as in
     training, each prompt is cut to fit (fit_pair), batch_size rows per forward pass."""
-    end = data.end_of_turn(enc)
-    rows = [fit_pair(p, data.encode(enc, a) + [end], [], model.config.block_size)[:2] for p, a in zip(prompts, answers)]
+    end, rows = data.end_of_turn(enc), []
+    for p, a in zip(prompts, answers):
+        fit = fit_pair(p, data.encode(enc, a) + [end], [], model.config.block_size)
+        if fit is None:
+            raise ValueError(f"an answer of {len(data.encode(enc, a)) + 1} tokens does not fit the reward model's "
+                             f"context of {model.config.block_size}: {a[:40]!r}...")
+        rows.append(fit[:2])
     with torch.no_grad(), rt.autocast():
         return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
                           for i in range(0, len(rows), batch_size)])
@@ -692,6 +697,9 @@ def judge(argv):
             questions = [[{"role": "user", "content": f"What is the capital of {c}?"}]
                          for c in world["heldout"] + world["invented"]]
         prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
+        if args.max_new_tokens + 1 >= rm.config.block_size:  # found now, not after all the generation
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: an answer that long would not fit the reward "
+                             f"model's context of {rm.config.block_size}")
         replies = {}
         for name, path in (("a", args.a), ("b", args.b)):
             policy, pckpt = load_model(path)

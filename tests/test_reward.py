@@ -154,6 +154,13 @@ def test_score_and_compare_from_the_command_line(tiny_sft, property_pairs, tmp_p
     assert same.returncode == 0, same.stderr
     verdict = json.loads(same.stdout.splitlines()[0])
     assert (verdict["win_rate"], verdict["ties"], verdict["n"]) == (0.5, 6, 6)
+    # answers longer than the reward model's context (64): one line, and for compare before any generation
+    long = run("score", "--model", out, "--prompt", "Hi?", "--response", "word " * 100, "--device", "cpu")
+    assert long.returncode == 1 and "does not fit the reward model's context of 64" in long.stderr
+    assert "Traceback" not in long.stderr
+    long = run("compare", "--model", out, "--a", tiny_sft, "--b", tiny_sft, "--prompts", prompts,
+               "--max-new-tokens", "80", "--device", "cpu")
+    assert long.returncode == 1 and "--max-new-tokens 80: an answer that long would not fit" in long.stderr
 
 
 def test_bad_input_is_one_line(tiny_sft, tmp_path):
