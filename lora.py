@@ -225,7 +225,8 @@ def load_lora(model, adapter):
     """
     cfg = adapter["lora_config"]
     if base_fingerprint(model) != adapter["base_fingerprint"]:
-        raise ValueError("this adapter was trained on different base weights (fingerprint mismatch)")
+        raise ValueError("this adapter was trained on different base weights (fingerprint mismatch): the base "
+                         "changed since; an adapter (and --resume) needs the exact base it was trained on")
     shape = adapter.get("model_config", {})
     model.resize_vocab(shape.get("vocab_size", model.config.vocab_size))
     if shape.get("score_head") and model.score_head is None:

@@ -390,16 +390,19 @@ def main(argv=None):
     pad = enc.eot_token
 
     # ---- the reward model: a score head on the SFT body, LoRA if asked ------------------------------
-    if args.lora_r and resume:
-        load_lora(model, resume["adapter"])
-    else:
-        if model.score_head is None:
-            model.add_score_head()
-        if args.lora_r:
-            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                       modules_to_save=("score_head",))
-        elif resume:
-            model.load_state_dict(resume["model"])
+    try:  # an adapter whose base changed, or targets that match no layer, end in one line
+        if args.lora_r and resume:
+            load_lora(model, resume["adapter"])
+        else:
+            if model.score_head is None:
+                model.add_score_head()
+            if args.lora_r:
+                apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                           modules_to_save=("score_head",))
+            elif resume:
+                model.load_state_dict(resume["model"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     config = model.config
     model.to(rt.device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

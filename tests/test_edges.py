@@ -314,3 +314,12 @@ def test_an_adapter_whose_base_is_itself_is_refused(tmp_path):
     model.save_checkpoint(str(tmp_path / "b.pt"), lora={}, base=str(tmp_path / "a.pt"), step=1)
     with pytest.raises(ValueError, match="is the adapter itself"):
         model.load_model(str(tmp_path / "a.pt"))
+
+
+def test_reward_lora_with_unknown_targets_is_one_line(tiny_chat_model, tmp_path):
+    import reward
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join('{"prompt": "q%d", "chosen": "a", "rejected": "b"}\n' % i for i in range(8)))
+    with pytest.raises(SystemExit, match=r"error: LoRA targets \['attn.nope'\] match no linear layer"):
+        reward.main(["--init-from", tiny_chat_model, "--data", str(pairs), "--out", str(tmp_path / "rm"), "--lora-r", "4",
+                     "--lora-targets", "attn.nope", "--device", "cpu", "--max-steps", "1", "--offset-prompts", "0"])
