@@ -16,17 +16,16 @@ Ours caches chunks, so repeated words are cheap after their first time; the cach
 """
 
 import argparse
-import datetime
 import glob
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
+import bench_data  # noqa: E402
 import pytest  # noqa: E402
 import tokenizers  # noqa: E402
 
@@ -34,14 +33,8 @@ import data  # noqa: E402
 import test_sp_bpe as t  # noqa: E402  (its tokenizer builders)
 
 
-def machine():
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores, "
-            f"python {platform.python_version()}, tokenizers {tokenizers.__version__}, load average "
-            f"{os.getloadavg()[0]:.1f}")
+def machine():  # bench_data's line, plus the library compared against and how busy the machine was
+    return f"{bench_data.machine()}, tokenizers {tokenizers.__version__}, load average {os.getloadavg()[0]:.1f}"
 
 
 def corpus(n_bytes):
