@@ -20,7 +20,11 @@ world's targets, on the hand-written pairs (abstention 67.5%) nor on the policy'
 
 Departures from the paper: the added NLL term above; sequence log-probabilities are sums over response
 tokens (as the reference code does; rasbt's notebook averages instead, which removes the length effect);
---loss ipo and --label-smoothing give IPO (Azar et al. 2023) and conservative DPO (Mitchell 2023).
+--loss ipo and --label-smoothing give IPO (Azar et al. 2023) and conservative DPO (Mitchell 2023). IPO
+sums too, as its Eq. 17 is written (log π(y|x) of the whole answer); its authors later advised averaging
+per token, which TRL's IPO does (TRL PR #1265; Hugging Face's "pref-tuning" blog post, January 2024).
+With sums the target gap 1/(2β) is one for the whole answer, so a β tuned on short answers asks less per
+token of long ones; to average, divide the four log-probs by their answers' lengths in pair_metrics.
 
 Reads:  --init-from the SFT checkpoint (default out/sft); --data preference pairs (default the world's).
 Writes: OUT/ckpt.pt (a chat model, as sft.py writes), OUT/adapter.pt (LoRA), OUT/log.jsonl, OUT/eval.json.
@@ -146,9 +150,10 @@ def main(argv=None):
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
-    if resume:
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref"], log,
-                    warn=("max_steps", "batch_size", "lr"))
+    if resume:  # the model, the pairs and the loss must be the ones that were trained, whatever the command line says
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref",
+                                           "data", "val_fraction", "loss", "beta", "label_smoothing", "sft_coef",
+                                           "seed"], log, warn=("max_steps", "batch_size", "lr"))
 
     # ---- model: the SFT model, the reference π_ref and the policy's start ------------------------
     try:

@@ -1367,6 +1367,8 @@ def resume_args(args, saved_args, names, log=print, warn=()):
     targets, ...) from the checkpoint's args, and say so where the command line asked for another value.
     The flags in warn (steps, batch size, learning rate) keep the command line's value, with a warning."""
     for name in names:
+        if name not in saved_args:  # a checkpoint from before this flag existed: the command line's value
+            continue
         if getattr(args, name) != saved_args[name]:
             log(f"--resume: --{name.replace('_', '-')} {saved_args[name]} from the checkpoint "
                 f"(the command line gave {getattr(args, name)})")

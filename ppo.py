@@ -26,9 +26,16 @@ response tokens only, padding masked; [d10] advantages whitened over the batch's
 several epochs over shuffled minibatches of each rollout batch; [d12] the adaptive KL controller.
 
 Beyond the guide, --algo grpo or rloo is critic-free RL: K = --group-size samples of each prompt, and a
-sample's advantage is its score against its group's (group_advantages: GRPO, Shao et al. 2024; RLOO,
-Ahmadian et al. 2024), the same for all of its tokens. No value model and no GAE; the KL to π_ref is a
-loss term (k3, GRPO Eq. 3) instead of a part of the reward.
+sample's advantage is its score against its group's, the same for all of its tokens; no value model, no
+GAE (compute_advantages has the three algorithms' equations side by side).
+  grpo (Shao et al. 2024): (r − mean)/std of the group, PPO's clipped loss and epochs, and the KL to π_ref
+       as a loss term (k3, GRPO Eq. 3) instead of a part of the reward.
+  rloo (Ahmadian et al. 2024): REINFORCE with the leave-one-out baseline. Each response is one action: the
+       KL penalty goes into its reward, R = r − β·Σ_t KL_t, its advantage is R minus the mean R of the
+       other K − 1 samples, and the loss is −A·log π(y|x) (rloo_loss), one gradient step per rollout
+       batch: no epochs and no clipping, as the samples come from the very policy being updated.
+       (An earlier --algo rloo, PPO's clipped loss with this baseline and a k3 loss term, is --algo grpo
+       --no-std-scale with β·(K − 1)/K, up to gradient clipping and Adam's ε.)
 
 Reads:  --policy the SFT checkpoint (default out/sft); --reward-model the reward model (out/reward), or
         --reward world: the world's own rule instead; --prompts .jsonl (default data/world/prompts.jsonl).
@@ -40,6 +47,7 @@ Writes: OUT/ckpt.pt (a chat model, as sft.py writes; plus the value model for --
   python ppo.py --reward world --out out/ppo_world   # the world's verifiable rule as the reward
   python ppo.py --lora-r 8                       # LoRA: the reference is the policy with adapters off
   python ppo.py --algo grpo --reward world --out out/grpo_world   # GRPO, 4 samples per prompt
+  python ppo.py --algo rloo --reward world --out out/rloo_world   # RLOO, 4 samples per prompt
   python ppo.py --max-steps 4 --eval-every 2 --device cpu   # seconds
 """
 
@@ -99,24 +107,39 @@ def average_tokens(x, mask, how="token"):
     return masked_mean(x, mask, dim=1).mean()
 
 
-def group_advantages(scores, group_size, algo="grpo", scale=True, eps=1e-4):
-    """Critic-free advantages from K = group_size samples of each prompt (consecutive in scores (B·K,)):
+def compute_advantages(algo, scores, kl, mask, values=None, kl_coef=0.0, group_size=1, gamma=1.0, lam=0.95,
+                       scale=True, eps=1e-4):
+    """One rollout batch's advantages (B, L), and the returns the value model learns (B, L) (ppo; else None):
 
-    grpo: Â_i = (r_i − mean_j r_j) / (std_j r_j + ε)    (Shao et al. 2024, §4.1.2; std with K − 1, as
-          TRL's); scale=False leaves out the division (Dr. GRPO, Liu et al. 2025: it overweights prompts
-          that are almost always right or always wrong)
-    rloo: Â_i = r_i − 1/(K − 1) Σ_{j≠i} r_j              (Ahmadian et al. 2024: the leave-one-out baseline)
+    ppo   r_t = −β·KL_t + [t = last]·s    the KL-shaped reward: −β·KL per token and the score s at the last
+                                         response token [d7]; GAE over r and V [d9], whitened [d10]
+    grpo  A_i = (s_i − mean_j s_j) / (std_j s_j + ε)    (Shao et al. 2024, §4.1.2; std with K − 1, as TRL's);
+          scale=False leaves out the division (Dr. GRPO, Liu et al. 2025: it overweights prompts that are
+          almost always right or always wrong). The KL is a loss term instead (GRPO, Eq. 3).
+    rloo  R_i = s_i − β·Σ_t KL_it                         the KL penalty in the whole response's reward
+          A_i = R_i − 1/(K − 1)·Σ_{j≠i} R_j = K/(K − 1)·(R_i − mean_j R_j)    the leave-one-out baseline
+          (Ahmadian et al. 2024; with k1, Σ_t KL_it = log π(y_i|x)/π_ref(y_i|x), their sequence-level KL)
 
-    A group whose samples all score the same gets advantage 0 (no NaN): it teaches nothing. Returns (B·K,).
+    grpo and rloo give A_i to every token of response i; a group whose rewards (s, or R) are all equal gets
+    0 (no NaN): it teaches nothing. Shape: scores (B,), K = group_size consecutive samples of each prompt;
+    kl, mask, values (B, L), mask 1 on response tokens; β = kl_coef.
     """
-    r = scores.view(-1, group_size)                                         # (B, K)
+    kl = kl * mask
+    if algo == "ppo":
+        rewards = -kl_coef * kl
+        rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] += scores
+        advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+        return masked_whiten(advantages, mask), returns
+    if algo == "rloo":
+        scores = scores - kl_coef * kl.sum(1)                                    # (B,) R_i
+    r = scores.view(-1, group_size)                                              # (B/K, K)
     if algo == "rloo":
         advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
     else:
         advantages = r - r.mean(1, keepdim=True)
         if scale:
             advantages = advantages / (r.std(1, keepdim=True) + eps)
-    return advantages.reshape(-1)
+    return advantages.reshape(-1, 1) * mask, None                                # (B/K, K) -> (B, L)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2, average="token"):
@@ -138,6 +161,21 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2, av
     clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask).detach()
     return loss, clipfrac, approx_kl
+
+
+def rloo_loss(logprobs, advantages, mask):
+    """REINFORCE (Williams 1992) with RLOO's advantages, negated to be minimised, over N responses:
+
+    L = −(1/N) Σ_i A_i · Σ_t log π(y_it | x_i, y_i,<t)        so  ∇L = −(1/N) Σ_i A_i · ∇log π(y_i|x_i)
+
+    the RLOO estimator (1/K) Σ_i A_i·∇log π(y_i|x) of Ahmadian et al. 2024, averaged over the prompts.
+    Summed over each response's tokens, not averaged: the paper treats the whole response as one action,
+    and log π(y|x) is that sum. Dividing by |y_i| would give a short response's tokens more weight, the
+    length bias Dr. GRPO (Liu et al. 2025) takes out of GRPO's per-response mean; TRL's RLOOTrainer sums
+    too. No ratio and no clip: one step on samples of the current policy, where ρ = 1.
+    Shape: every argument (B, L); advantages A_i on every token of response i; mask 1 on response tokens.
+    """
+    return -(advantages * logprobs * mask).sum() / len(mask)
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_range=0.2):
@@ -214,11 +252,13 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     # the algorithm
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo"],
-                   help="PPO with a value model and GAE, or critic-free: GRPO's or RLOO's group baseline")
+                   help="PPO with a value model and GAE, or critic-free: GRPO (group baseline, clipped loss) or "
+                        "RLOO (leave-one-out baseline, REINFORCE: one step per batch)")
     p.add_argument("--group-size", type=in_range(int, 0), default=0, help="samples per prompt K (0 = 1 for ppo, 4 for grpo/rloo)")
     p.add_argument("--no-std-scale", action="store_true", help="grpo: advantages r − mean, not divided by the std (Dr. GRPO)")
     p.add_argument("--loss-average", default="token", choices=["token", "sequence"],
-                   help="mean over all response tokens of the batch, or per response then over responses (GRPO's)")
+                   help="ppo/grpo: mean over all response tokens of the batch, or per response then over "
+                        "responses (GRPO's); rloo sums each response's tokens (rloo_loss)")
     # rollouts
     p.add_argument("--batch-size", type=positive_int, default=32, help="responses per rollout batch (one step)")
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest response")
@@ -227,13 +267,15 @@ def get_args(argv=None):
                    help="the score of a response that never wrote <|end|> ('none' = keep its score) [d5]")
     # rewards and advantages
     p.add_argument("--kl-coef", type=in_range(float, 0), default=0.2,
-                   help="β: the KL penalty per token, in the reward (ppo; the start value if adaptive) or the loss "
-                        "(grpo/rloo, k3); reward.py scales the SFT answers' scores to std 1, so β is in those units")
+                   help="β: the KL penalty, in the reward (ppo per token, rloo per response; the start value if "
+                        "adaptive) or the loss (grpo, k3); reward.py scales the SFT answers' scores to std 1, so β "
+                        "is in those units")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate [d7]")
-    p.add_argument("--target-kl", type=in_range(float, 0), default=0.0, help="adapt β towards this KL per response (0 = β fixed) [d12]")
+    p.add_argument("--target-kl", type=in_range(float, 0), default=0.0,
+                   help="ppo/rloo: adapt β towards this KL per response (0 = β fixed) [d12]")
     p.add_argument("--gamma", type=in_range(float, 0, 1), default=1.0, help="γ: discount over response tokens")
     p.add_argument("--lam", type=in_range(float, 0, 1), default=0.95, help="λ of GAE: bias (0) against variance (1)")
-    # PPO
+    # PPO and GRPO (RLOO takes one gradient step on each rollout batch)
     p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch [d11]")
     p.add_argument("--minibatches", type=positive_int, default=2, help="minibatches per pass")
     p.add_argument("--clip-range", type=in_range(float, 0, open_low=True), default=0.2, help="ε of the policy's ratio clip")
@@ -284,9 +326,14 @@ def main(argv=None, reward_fn=None):
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
-    if resume:
-        resume_args(args, resume["args"], ["policy", "reward", "reward_model", "lora_r", "lora_alpha", "lora_targets"],
-                    log, warn=("max_steps", "batch_size", "lr"))
+    if resume:  # what is trained, on what and towards what comes from the checkpoint; the step sizes may change
+        resume_args(args, resume["args"], ["policy", "reward", "reward_model", "prompts", "lora_r", "lora_alpha",
+                                           "lora_targets", "algo", "group_size", "no_std_scale", "loss_average",
+                                           "kl_coef", "kl_estimator", "target_kl", "gamma", "lam", "temperature",
+                                           "max_new_tokens", "missing_end_penalty", "seed"], log,
+                    warn=("max_steps", "batch_size", "lr", "value_lr", "ppo_epochs", "minibatches", "clip_range"))
+        if args.batch_size % args.group_size:
+            sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of the run's --group-size {args.group_size}")
 
     # ---- models: policy, reference, value model, reward model --------------------------------------
     try:
@@ -441,7 +488,7 @@ def main(argv=None, reward_fn=None):
     if resume:
         set_rng_state(resume["rng"], rt.device)
 
-    # ---- training loop: evaluate -> checkpoint -> rollout -> rewards -> PPO epochs -> log ---------------
+    # ---- training loop: evaluate -> checkpoint -> rollout -> advantages -> updates -> log -------------
     stopped_early = False
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True) as bar:
         while True:
@@ -457,26 +504,25 @@ def main(argv=None, reward_fn=None):
             t0 = time.perf_counter()
             mask, n_prompt = r["mask"], r["n_prompt"]
             kl = kl_per_token(r["logprobs"], r["ref_logprobs"], args.kl_estimator) * mask       # (B, L)
-            if args.algo == "ppo":
-                # [d7] the KL-shaped reward: −β·KL per token, plus the score at the last response token
-                rewards = -kl_coef * kl
-                rewards[torch.arange(len(mask)), r["length"].long() - 1] += r["score"]
-                advantages, returns = compute_gae(rewards, r["values"], mask, args.gamma, args.lam)  # [d9]
-                advantages = masked_whiten(advantages, mask)                                        # [d10]
-            else:  # one advantage per response, the same for each of its tokens; the KL goes into the loss
-                advantages = group_advantages(r["score"], args.group_size, args.algo, not args.no_std_scale)
-                advantages = advantages[:, None] * mask
+            advantages, returns = compute_advantages(args.algo, r["score"], kl, mask, r["values"], kl_coef,
+                                                     args.group_size, args.gamma, args.lam, not args.no_std_scale)
 
+            # [d11] PPO and GRPO: epochs of minibatches, the ratio to the rollout's policy clipped; RLOO: one
+            # gradient step on the whole batch, from the policy that sampled it (REINFORCE needs no ratio)
             stats = []
-            for _ in range(args.ppo_epochs):  # [d11]
-                for mb in torch.randperm(len(mask), device=rt.device).chunk(args.minibatches):
+            epochs, minibatches = (1, 1) if args.algo == "rloo" else (args.ppo_epochs, args.minibatches)
+            for _ in range(epochs):
+                for mb in torch.randperm(len(mask), device=rt.device).chunk(minibatches):
                     seq, attn, m = r["seq"][mb], r["attn"][mb], mask[mb]
                     with rt.autocast():
                         logprobs, entropy = response_logprobs(policy, seq, attn, n_prompt, args.temperature, True)
-                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, r["logprobs"][mb], advantages[mb], m,
-                                                                   args.clip_range, args.loss_average)
+                    if args.algo == "rloo":  # ρ = 1: no clip fraction, and KL(π_old‖π) = 0
+                        pg_loss, clipfrac, approx_kl = rloo_loss(logprobs, advantages[mb], m), *torch.zeros(2)
+                    else:
+                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, r["logprobs"][mb], advantages[mb], m,
+                                                                       args.clip_range, args.loss_average)
                     loss, vf_loss, vf_clipfrac = pg_loss, torch.zeros(()), torch.zeros(())
-                    if args.algo != "ppo":  # GRPO, Eq. 3: + β·KL(π‖π_ref), k3 on the sampled tokens
+                    if args.algo == "grpo":  # GRPO, Eq. 3: + β·KL(π‖π_ref), k3 on the sampled tokens
                         loss = loss + kl_coef * average_tokens(kl_per_token(logprobs, r["ref_logprobs"][mb], "k3"),
                                                                m, args.loss_average)
                     rt.scaler.scale(loss).backward()
@@ -494,7 +540,7 @@ def main(argv=None, reward_fn=None):
                                   masked_mean(entropy, m).item(), grad_norm])
             check_finite(stats[-1][0] + stats[-1][1], step, ckpt_path)
             seq_kl = kl.sum(1).mean().item()  # KL(π‖π_ref) per response, the controller's input
-            if args.target_kl > 0 and args.algo == "ppo":
+            if args.target_kl > 0 and args.algo != "grpo":  # β of a KL in the reward
                 kl_coef = update_kl_coef(kl_coef, seq_kl, args.target_kl)
             step += 1
 

@@ -22,8 +22,10 @@ Writes: OUT/ckpt.pt (the full model, LoRA already merged, so sample.py and later
         any checkpoint), OUT/adapter.pt (LoRA runs: only A and B, plus the base's fingerprint),
         OUT/log.jsonl, OUT/samples.jsonl (answers to fixed prompts at every evaluation).
 
-Departures: no cross-example attention mask when --pack is on (see data.pack_examples); gradient
-accumulation averages per-micro-batch means, so micro-batches with fewer reply tokens weigh more.
+Departures: no cross-example attention mask when --pack is on (see data.pack_examples). With
+--grad-accum k, the loss of an optimizer step is the sum of its k micro-batches' token losses divided by
+all of their reply tokens, so every reply token of the step weighs the same, as in one big batch (a
+mean of per-micro-batch means would weigh a token of a micro-batch with few reply tokens more).
 
   python sft.py --init-from out/pretrain --lora-r 8                 # LoRA on the default pretrained model
   python sft.py --init-from gpt2 --max-steps 300 --batch-size 8     # a Hugging Face GPT-2 directory, on a GPU
@@ -108,9 +110,10 @@ def main(argv=None):
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
     resume = load_checkpoint(ckpt_path) if args.resume else None
-    if resume:  # the model must be the one that was trained, whatever the command line says now
-        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"], log,
-                    warn=("max_steps", "batch_size", "lr"))
+    if resume:  # the model and the examples must be the ones that were trained, whatever the command line says now
+        resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "data",
+                                           "val_fraction", "max_len", "overlong", "pack", "seed"], log,
+                    warn=("max_steps", "batch_size", "grad_accum", "lr"))
 
     # ---- model: the base, room for the chat tokens, then LoRA if asked ----------------------------
     try:
@@ -177,6 +180,9 @@ def main(argv=None):
     train = data.ExampleSampler(rows, args.batch_size, args.seed)
     log(f"{len(train_examples):,} train / {len(val_examples):,} val examples"
         + (f", packed into {len(rows):,} rows of {config.block_size + 1}" if args.pack else ""))
+    if resume and resume.get("n_rows", len(rows)) != len(rows):  # the sampler's position counts these rows
+        sys.exit(f"error: --resume: {args.data} gives {len(rows):,} training rows, the checkpoint's run had "
+                 f"{resume['n_rows']:,}: the data changed, so the run cannot continue where it stopped")
 
     # ---- optimizer and schedule ------------------------------------------------------------------
     optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
@@ -187,7 +193,7 @@ def main(argv=None):
 
     def checkpoint():
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
-                   tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True,
+                   tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True, n_rows=len(rows),
                    **training_state(optimizer, rt.scaler, train, rt.device))
 
     def write_log(record):
@@ -240,17 +246,20 @@ def main(argv=None):
                 break
 
             step_lr = get_lr(step, lr, args.warmup_steps, args.max_steps)
+            # the step's micro-batches first, to count their reply tokens: the step's loss is the sum of
+            # every reply token's loss over all of them, so each token weighs the same (as in one big batch)
+            batches = [data.pad_batch(train.next(), pad) for _ in range(args.grad_accum)]
+            n_labels = max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batches))
             loss_sum, n_tokens = 0.0, 0
-            for _ in range(args.grad_accum):
-                batch = train.next()
-                x, y = data.pad_batch(batch, pad)
+            for x, y in batches:
                 n_tokens += int((x != pad).sum())  # real tokens: neither batch nor --pack padding counted
                 with rt.autocast():
-                    _, loss = model(x.to(rt.device), y.to(rt.device))
-                rt.scaler.scale(loss / args.grad_accum).backward()
+                    _, loss = model(x.to(rt.device), y.to(rt.device))  # the mean over this micro-batch's reply tokens
+                loss = loss * int((y != IGNORE_INDEX).sum()) / n_labels  # its sum, over the step's reply tokens
+                rt.scaler.scale(loss).backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(optimizer, rt.scaler, step_lr, args.grad_clip)
-            train_loss = loss_sum / args.grad_accum
+            train_loss = loss_sum  # the mean loss per reply token of the step
             check_finite(train_loss, step, ckpt_path)
             step += 1
             metrics["train/loss"] = train_loss

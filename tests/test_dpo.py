@@ -139,13 +139,22 @@ def test_cached_and_on_the_fly_references_give_the_same_loss(tiny_sft, pairs_fil
     assert cached[-1] != pytest.approx(cached[0])  # they did train
 
 
-def test_dpo_resume_is_exact(tiny_sft, pairs_file, tmp_path):
+def test_dpo_resume_is_exact(tiny_sft, pairs_file, tmp_path, monkeypatch):
+    """6 steps straight == 3, stop, --resume, 3 more. The resumed command leaves out the loss, β, the NLL
+    coefficient and the data (so the defaults, and a file that does not exist): the checkpoint's are used,
+    each with a line saying so."""
     common = ["--max-steps", "6", "--eval-every", "100", "--lr", "1e-3"]
-    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "straight", *common))
-    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "resumed", *common, "--stop-at", "3"))
-    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "resumed", *common, "--resume"))
+    ipo = ["--loss", "ipo", "--beta", "0.5", "--sft-coef", "0.5"]
+    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "straight", *common, *ipo))
+    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "resumed", *common, *ipo, "--stop-at", "3"))
+    said = []
+    monkeypatch.setattr(dpo.tqdm, "write", lambda s, *a, **k: said.append(s))
+    dpo.main(dpo_args(tiny_sft, str(tmp_path / "absent.jsonl"), tmp_path / "resumed", *common, "--resume"))
 
     assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
+    for flag, saved, given in [("loss", "ipo", "sigmoid"), ("beta", 0.5, 0.1), ("sft-coef", 0.5, 1.0),
+                               ("data", pairs_file, tmp_path / "absent.jsonl")]:
+        assert f"--resume: --{flag} {saved} from the checkpoint (the command line gave {given})" in said
 
 
 def test_bad_input_and_bad_flags(tiny_sft, tmp_path):

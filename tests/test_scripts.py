@@ -369,11 +369,54 @@ def test_zero_eval_every_is_a_usage_error_and_the_modern_family_exports_as_llama
 
 
 def test_sft_full_fine_tuning_resume_is_exact(base_model, sft_file, tmp_path):
-    """Full fine-tuning: 6 steps straight == 3 steps, stop, --resume, 3 more (optimizer, scaler, sampler, RNG)."""
+    """Full fine-tuning: 6 steps straight == 3 steps, stop, --resume, 3 more (optimizer, scaler, sampler, RNG).
+    The resumed command names other data (3 records, where the sampler stood past the 12th): the
+    checkpoint's data is used, not an IndexError."""
     sft.main(sft_args(base_model, sft_file, tmp_path / "straight"))
     sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--stop-at", "3"))
-    sft.main(sft_args(base_model, sft_file, tmp_path / "resumed", "--resume"))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(open(sft_file).readlines()[:3]))
+    sft.main(sft_args(base_model, str(other), tmp_path / "resumed", "--resume"))
     assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
+    assert load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["args"]["data"] == sft_file
+
+
+def test_sft_resume_on_data_changed_in_place_is_a_one_line_error(base_model, sft_file, tmp_path):
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text(open(sft_file).read())
+    sft.main(sft_args(base_model, str(data_file), tmp_path / "run", "--stop-at", "3"))
+    data_file.write_text("".join(open(sft_file).readlines()[:10]))  # the same path, fewer records
+    with pytest.raises(SystemExit, match="the data changed"):
+        sft.main(sft_args(base_model, str(data_file), tmp_path / "run", "--resume"))
+
+
+def test_sft_grad_accum_weighs_every_reply_token_as_one_big_batch(base_model, tmp_path, monkeypatch):
+    """--batch-size 2 --grad-accum 2 gives the gradient of --batch-size 4 to 1e-6, although one micro-batch
+    holds several times the reply tokens of the other; the mean of the two micro-batches' mean losses (how
+    sft.py accumulated before) is far from it."""
+    replies = ["Yes.", "It is blue and green.", "The river runs past the old mill and into the sea near the town of Bree.",
+               "One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen, fifteen.",
+               "Paris, I think."]  # 3, 7, 18, 33 and 6 reply tokens: any two pairs of four differ
+    path = tmp_path / "uneven.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Question {i}?", "input": "", "output": r}) + "\n"
+                            for i, r in enumerate(replies)))  # 1 held out, 4 trained on: one batch of 4 is all of them
+    grads, real_step = [], sft.optimizer_step
+
+    def recording_step(optimizer, *args, **kwargs):  # the gradient the step is about to take, before clipping
+        grads.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "optimizer_step", recording_step)
+    run = lambda name, *extra: sft.main(sft_args(base_model, str(path), tmp_path / name, "--eval-every", "100",  # noqa: E731
+                                                 *extra))
+    run("big", "--batch-size", "4", "--max-steps", "1")
+    run("accumulated", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1")
+    run("apart", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-12")  # the same two micro-batches, one a step
+    big, accumulated, first, second = grads
+    for a, b in zip(accumulated, big):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    mean_of_means = [(f + s) / 2 for f, s in zip(first, second)]  # the old way, on a model that has not moved
+    assert max((m - b).abs().max().item() for m, b in zip(mean_of_means, big)) > 1e-3
 
 
 def test_sft_pack_end_to_end(base_model, sft_file, tmp_path):
