@@ -218,12 +218,15 @@ def main(argv=None):
 
     # ---- the policy: LoRA on the reference, or all of it trains; the state of a run we resume ---
     fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded
-    if args.lora_r and resume:
-        load_lora(model, resume["adapter"])
-    elif args.lora_r:
-        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    elif resume:
-        model.load_state_dict(resume["model"])
+    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
+        if args.lora_r and resume:
+            load_lora(model, resume["adapter"])
+        elif args.lora_r:
+            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        elif resume:
+            model.load_state_dict(resume["model"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     model.to(rt.device)
     log(f"model_config: {json.dumps(asdict(config))}\nargs: {json.dumps(vars(args))}")
     trained = (f"RPO: DPO ({args.loss}, β={args.beta}) + {args.sft_coef:g} x the chosen answers' NLL per token"

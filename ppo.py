@@ -368,15 +368,18 @@ def main(argv=None, reward_fn=None):
         value = copy.deepcopy(policy)
         value.add_score_head()
     fingerprint = base_fingerprint(policy) if args.lora_r else None  # the base as loaded
-    if args.lora_r:
-        if resume:
-            load_lora(policy, resume["adapter"])
-        else:
-            apply_lora(policy, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
-        if value is not None:
-            apply_lora(value, args.lora_r, args.lora_alpha, 0.0, args.lora_targets, modules_to_save=("score_head",))
-    elif resume:
-        policy.load_state_dict(resume["model"])
+    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
+        if args.lora_r:
+            if resume:
+                load_lora(policy, resume["adapter"])
+            else:
+                apply_lora(policy, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
+            if value is not None:
+                apply_lora(value, args.lora_r, args.lora_alpha, 0.0, args.lora_targets, modules_to_save=("score_head",))
+        elif resume:
+            policy.load_state_dict(resume["model"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if resume and value is not None:
         value.load_state_dict(resume["value_model"])
     for m in (policy, reference, value, rm):

@@ -129,17 +129,22 @@ def main(argv=None):
         chat_ids = data.chat_token_ids(enc)
     except data.DataError as e:
         sys.exit(f"error: the tokenizer of {args.init_from}: {e}")
+    if why := data.world_context_error(enc, args.data, True, model.config.block_size):  # now, not after training
+        sys.exit(f"error: --init-from {args.init_from}: {why}")
     fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded, before any change
-    if args.lora_r and resume:  # the adapter of the interrupted run goes back onto the same base
-        load_lora(model, resume["adapter"])
-    else:
-        model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
-        if args.lora_r:
-            # the chat tokens' embedding rows train too: a base model never read them, and with a
-            # frozen <|end|> row it could not learn to end its replies
-            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, train_rows=chat_ids)
-        elif resume:
-            model.load_state_dict(resume["model"])
+    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
+        if args.lora_r and resume:  # the adapter of the interrupted run goes back onto the same base
+            load_lora(model, resume["adapter"])
+        else:
+            model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
+            if args.lora_r:
+                # the chat tokens' embedding rows train too: a base model never read them, and with a
+                # frozen <|end|> row it could not learn to end its replies
+                apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, train_rows=chat_ids)
+            elif resume:
+                model.load_state_dict(resume["model"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     config = model.config
     if args.export_hf and not model.exports_to_hf():  # say so now, not after training
         sys.exit(f"error: --export-hf: {args.init_from} fits no Hugging Face format (GPT-2 needs tied embeddings "

@@ -323,3 +323,14 @@ def test_reward_lora_with_unknown_targets_is_one_line(tiny_chat_model, tmp_path)
     with pytest.raises(SystemExit, match=r"error: LoRA targets \['attn.nope'\] match no linear layer"):
         reward.main(["--init-from", tiny_chat_model, "--data", str(pairs), "--out", str(tmp_path / "rm"), "--lora-r", "4",
                      "--lora-targets", "attn.nope", "--device", "cpu", "--max-steps", "1", "--offset-prompts", "0"])
+
+
+@pytest.mark.parametrize("script,flag", [("sft", "--init-from"), ("dpo", "--init-from"), ("ppo", "--policy")])
+def test_lora_targets_that_match_nothing_stop_every_stage_in_one_line(tiny_chat_model, tmp_path, script, flag):
+    module = importlib.import_module(script)
+    argv = [flag, tiny_chat_model, "--out", str(tmp_path / "out"), "--lora-r", "4", "--lora-targets", "attn.nope",
+            "--device", "cpu", "--max-steps", "1"]
+    if script == "ppo":
+        argv += ["--reward", "world"]
+    with pytest.raises(SystemExit, match=r"error: LoRA targets \['attn.nope'\] match no linear layer"):
+        module.main(argv)
