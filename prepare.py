@@ -723,6 +723,10 @@ def _tokenize(args, tok, clean_path, steps):
 def prepare(args):
     """`python prepare.py prepare`: steps 1-6 from raw files to OUT/manifest.json. Returns the manifest."""
     t_start = time.perf_counter()
+    out = os.path.realpath(args.out)
+    for path in args.inputs:  # its shards and clean.jsonl would be read as input by the next run
+        if os.path.isdir(path) and os.path.commonpath([os.path.realpath(path), out]) == os.path.realpath(path):
+            raise DataError(f"--out {args.out} is inside the input directory {path}")
     files = [f for path in args.inputs for f in list_input_files(path)]
     os.makedirs(args.out, exist_ok=True)
     manifest_path, clean_path = os.path.join(args.out, "manifest.json"), os.path.join(args.out, "clean.jsonl")

@@ -682,3 +682,10 @@ def test_world_records_are_read_by_the_stages_that_consume_them(tmp_path):
         assert f"The capital of {c} is {k}." in joined, c
     tok = data.load_tokenizer(str(out / "tokenizer.json"))
     assert data.model_vocab_size(tok) == 4096
+
+
+def test_out_inside_the_input_directory_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("some text " * 50)
+    with pytest.raises(SystemExit, match="is inside the input directory"):
+        prepare.main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "out")])
