@@ -334,3 +334,26 @@ def test_lora_targets_that_match_nothing_stop_every_stage_in_one_line(tiny_chat_
         argv += ["--reward", "world"]
     with pytest.raises(SystemExit, match=r"error: LoRA targets \['attn.nope'\] match no linear layer"):
         module.main(argv)
+
+
+def test_a_lora_resume_whose_base_changed_is_one_line(tiny_chat_model, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    import model
+    import sft
+    base = tmp_path / "base"
+    shutil.copytree(tiny_chat_model, base)
+    records = tmp_path / "sft.jsonl"
+    records.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) + "\n" for i in range(12)))
+    argv = ["--init-from", str(base), "--data", str(records), "--out", str(tmp_path / "out"), "--lora-r", "4",
+            "--max-steps", "4", "--batch-size", "2", "--eval-every", "2", "--device", "cpu", "--dtype", "float32"]
+    sft.main(argv + ["--stop-at", "2"])
+    ckpt = model.load_checkpoint(str(base / "ckpt.pt"))
+    ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}  # the base moved
+    model.save_checkpoint(str(base / "ckpt.pt"), **ckpt)
+    with pytest.raises(SystemExit, match="trained on different base weights"):
+        sft.main(argv + ["--resume"])
+    assert torch.load(str(tmp_path / "out" / "ckpt.pt"), weights_only=True)["step"] == 2  # the run's checkpoint kept
