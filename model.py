@@ -1102,7 +1102,7 @@ def claim_out_dir(out, single_process=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if single_process and world > 1:
         raise SystemExit(f"error: {single_process} runs in one process; under torchrun it would start {world} "
-                         f"unsynchronised copies (pretrain.py is the data-parallel stage)")
+                         f"unsynchronised copies (pretrain.py and sft.py are the data-parallel stages)")
     try:  # a directory that cannot be written fails now, not after training
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a")

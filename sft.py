@@ -30,9 +30,11 @@ mean of per-micro-batch means would weigh a token of a micro-batch with few repl
   python sft.py --init-from out/pretrain --lora-r 8                 # LoRA on the default pretrained model
   python sft.py --init-from gpt2 --max-steps 300 --batch-size 8     # a Hugging Face GPT-2 directory, on a GPU
   python sft.py --init-from out/pretrain --max-steps 10 --eval-every 5 --device cpu   # seconds
+  torchrun --nproc_per_node=4 sft.py --init-from smollm2 --batch-size 4   # data-parallel: 4 x 4 rows a step
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -42,6 +44,8 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -103,9 +107,9 @@ def main(argv=None):
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)  # LoRA's few parameters want a larger step (Hu et al. §5)
 
     # ---- setup -----------------------------------------------------------------------------------
-    claim_out_dir(args.out, single_process="sft.py")  # OUT/.lock: a second run on the same --out is refused
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    log = tqdm.write
+    claim_out_dir(args.out)  # OUT/.lock: a second run on the same --out is refused
+    rt = setup_runtime(args.device, args.dtype, args.seed)  # under torchrun: one process per GPU, data-parallel
+    log = tqdm.write if rt.master else (lambda *a, **k: None)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
@@ -197,12 +201,15 @@ def main(argv=None):
         log(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint():
+        if not rt.master:  # the ranks hold the same weights; rank 0 writes them
+            return
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
                    tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True, n_rows=len(rows),
                    **training_state(optimizer, rt.scaler, train, rt.device))
 
     def write_log(record):
-        append_jsonl(log_path, record)
+        if rt.master:
+            append_jsonl(log_path, record)
 
     @torch.no_grad()
     def evaluate():
@@ -229,14 +236,18 @@ def main(argv=None):
     if resume:  # restored last, so that no set-up work above draws from the restored stream
         set_rng_state(resume["rng"], rt.device)
 
+    # torchrun: DDP averages the gradients of the ranks; each trains on its share of every step's batches
+    trained = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.ddp else model
+
     # ---- training loop: evaluate -> checkpoint -> step -> log ------------------------------------
     metrics, stopped_early = {}, False
     model.train()
     t_last = time.perf_counter()
-    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="sft", dynamic_ncols=True) as bar:
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="sft", dynamic_ncols=True,
+                                         disable=not rt.master) as bar:
         while True:
             last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
-            if step % args.eval_every == 0 or last:
+            if (step % args.eval_every == 0 or last) and rt.master:  # the other ranks wait at the next all-reduce
                 val_loss, answers = evaluate()
                 metrics["val/loss"] = val_loss
                 log(f"step {step}/{args.max_steps} | val loss {val_loss:.4f} (per reply token)")
@@ -252,19 +263,25 @@ def main(argv=None):
 
             step_lr = get_lr(step, lr, args.warmup_steps, args.max_steps)
             # the step's micro-batches first, to count their reply tokens: the step's loss is the sum of
-            # every reply token's loss over all of them, so each token weighs the same (as in one big batch)
-            batches = [data.pad_batch(train.next(), pad) for _ in range(args.grad_accum)]
+            # every reply token's loss over all of them, so each token weighs the same (as in one big batch).
+            # Every rank draws all of them (the same: one sampler, one seed) and trains on its share,
+            # micro-batches rank, rank + world, ...: one process with --grad-accum k·world does the same step
+            batches = [data.pad_batch(train.next(), pad) for _ in range(args.grad_accum * rt.world_size)]
             n_labels = max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batches))
-            loss_sum, n_tokens = 0.0, 0
-            for x, y in batches:
-                n_tokens += int((x != pad).sum())  # real tokens: neither batch nor --pack padding counted
-                with rt.autocast():
-                    _, loss = model(x.to(rt.device), y.to(rt.device))  # the mean over this micro-batch's reply tokens
-                loss = loss * int((y != IGNORE_INDEX).sum()) / n_labels  # its sum, over the step's reply tokens
-                rt.scaler.scale(loss).backward()
-                loss_sum += loss.item()
+            mine = batches[rt.rank::rt.world_size]
+            loss_sum = torch.zeros((), device=rt.device)
+            n_tokens = sum(int((x != pad).sum()) for x, _ in batches)  # real tokens of the step, all ranks: no padding
+            for micro, (x, y) in enumerate(mine):
+                with trained.no_sync() if rt.ddp and micro < len(mine) - 1 else contextlib.nullcontext():
+                    with rt.autocast():
+                        _, loss = trained(x.to(rt.device), y.to(rt.device))  # mean over this micro-batch's reply tokens
+                    loss = loss * int((y != IGNORE_INDEX).sum()) / n_labels  # its sum, over the step's reply tokens
+                    rt.scaler.scale(loss * rt.world_size).backward()  # DDP averages over ranks: x world = their sum
+                loss_sum += loss.detach()
+            if rt.ddp:
+                dist.all_reduce(loss_sum)
             grad_norm = optimizer_step(optimizer, rt.scaler, step_lr, args.grad_clip)
-            train_loss = loss_sum  # the mean loss per reply token of the step
+            train_loss = loss_sum.item()  # the mean loss per reply token of the step
             check_finite(train_loss, step, ckpt_path)
             step += 1
             metrics["train/loss"] = train_loss
@@ -278,11 +295,20 @@ def main(argv=None):
                     f" | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s")
                 write_log({"step": step, "train/loss": train_loss, "lr": step_lr, "grad_norm": grad_norm,
                            "dt_ms": dt * 1000, "tok_per_s": n_tokens / dt})
-            if stop.requested or step == args.stop_at:
+            stopping = stop.requested or step == args.stop_at
+            if rt.ddp:  # stop together: a rank that stopped alone would leave the others waiting forever
+                flag = torch.tensor(float(stopping), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping:
                 checkpoint()
                 stopped_early = True
                 break
 
+    if rt.ddp:
+        dist.destroy_process_group()
+    if not rt.master:
+        return {"step": step, **metrics}
     if stopped_early:
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step, **metrics}

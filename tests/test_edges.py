@@ -132,10 +132,10 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 
 
 def test_single_process_stages_refuse_torchrun(monkeypatch, checkpoints, tmp_path):
-    import sft
+    import dpo
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="sft.py runs in one process"):
-        sft.main(["--init-from", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="dpo.py runs in one process"):
+        dpo.main(["--init-from", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
 
 
 def test_the_token_cache_follows_content_and_is_never_kept_truncated(tmp_path, enc):

@@ -328,6 +328,24 @@ def test_sft_empty_after_length_policy_is_an_error(base_model, sft_file, tmp_pat
         sft.main(sft_args(base_model, sft_file, tmp_path / "empty", "--max-len", "2"))  # <|assistant|> + reply + <|end|> > 2
 
 
+@pytest.mark.slow  # two processes
+def test_sft_ddp_matches_grad_accum(base_model, sft_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each == 1 process, batch 2, --grad-accum 2: the same
+    micro-batches, the same reply-token weighting, the same steps; only rank 0 logs and writes."""
+    common = ["--batch-size", "2", "--max-steps", "4", "--eval-every", "4", "--lr", "1e-3"]
+    sft.main(sft_args(base_model, sft_file, tmp_path / "single", *common, "--grad-accum", "2"))
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                        *sft_args(base_model, sft_file, tmp_path / "ddp", *common))
+    assert result.returncode == 0, result.stderr[-2000:]
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert sorted(ddp) == [1, 2, 3, 4]  # one line per step: rank 1 wrote nothing
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], abs=1e-4), step
+    a, b = load_checkpoint(tmp_path / "single" / "ckpt.pt"), load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], atol=1e-4, rtol=1e-4)
+
+
 def test_sft_from_hugging_face_gpt2_grows_the_vocabulary(sft_file, tmp_path):
     torch.manual_seed(0)
     cfg = model.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, **model.FAMILIES["gpt2"])
