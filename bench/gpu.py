@@ -75,6 +75,11 @@ def parse_bench_pretrain(text):
              re.finditer(r"^(float32|bfloat16|float16)\s+([\d,.]+)\s*$", before, re.M)}
     if peaks:
         figures["matmul_peak_gflops"] = peaks
+    return _with_target_and_peak(figures, text)
+
+
+def _with_target_and_peak(figures, text):
+    """figures plus the bench's printed target line and the wrapper's peak memory, when there."""
     target = re.search(r"^target: (.+)$", text, re.M)
     if target:
         figures["target"] = target.group(1)
@@ -94,11 +99,7 @@ def parse_bench_generate_bandwidth(text):
             "params": m.group(3), "mb_per_token": _num(m.group(4)), "ms_per_token": _num(m.group(5)),
             "tokens_per_s": _num(m.group(6)), "roofline_tokens_per_s": _num(m.group(7)),
             "fraction_of_roofline": int(m.group(8)) / 100}
-    target = re.search(r"^target: (.+)$", text, re.M)
-    if target:
-        figures["target"] = target.group(1)
-    figures.update(parse_peak_memory(text))
-    return figures
+    return _with_target_and_peak(figures, text)
 
 
 def parse_table_rows(text):
