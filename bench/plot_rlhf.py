@@ -39,6 +39,16 @@ def smooth(values, window=5):
     return out
 
 
+def save(fig, axes, path):
+    """Grid and legend on each panel, then the figure to path."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--runs", nargs="*", default=[], help="LABEL=DIR of ppo.py runs (DIR/log.jsonl)")
@@ -66,13 +76,7 @@ def main(argv=None):
                      title="what PPO optimises")
         ax_gold.set(xlabel="√KL(π‖π_ref) per response (nats^½)", ylabel="gold: annotator's grade (0-2)",
                     title="what the world says")
-        for ax in (ax_proxy, ax_gold):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(args.out, "overoptimization_kl.png")
-        fig.savefig(path, dpi=110)
-        print(f"wrote {path}")
+        save(fig, (ax_proxy, ax_gold), os.path.join(args.out, "overoptimization_kl.png"))
 
     if args.best_of_n:
         fig, (ax_gold, ax_right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -90,12 +94,7 @@ def main(argv=None):
         ax_right.set(xscale="log", xlabel="n", ylabel="share right", title="held-out real countries answered right")
         for ax in (ax_gold, ax_right):
             ax.set_xticks(oracle[0], [str(v) for v in oracle[0]])
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(args.out, "best_of_n.png")
-        fig.savefig(path, dpi=110)
-        print(f"wrote {path}")
+        save(fig, (ax_gold, ax_right), os.path.join(args.out, "best_of_n.png"))
 
 
 if __name__ == "__main__":
