@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
+from lora import DEFAULT_TARGETS, lora_disabled, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
     in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
     save_stage, set_rng_state, setup_runtime, training_state
@@ -217,14 +217,8 @@ def main(argv=None):
                     r["ref_chosen"], r["ref_rejected"] = c, j
 
     # ---- the policy: LoRA on the reference, or all of it trains; the state of a run we resume ---
-    fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded
-    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
-        if args.lora_r and resume:
-            load_lora(model, resume["adapter"])
-        elif args.lora_r:
-            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        elif resume:
-            model.load_state_dict(resume["model"])
+    try:  # LoRA on the reference, or all of it trains (lora.prepare_to_train); errors in one line
+        fingerprint = prepare_to_train(model, args, resume)
     except ValueError as e:
         sys.exit(f"error: {e}")
     model.to(rt.device)

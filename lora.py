@@ -217,6 +217,33 @@ def adapter_checkpoint(model, base, fingerprint, **extra):
                 base_fingerprint=fingerprint, **extra)
 
 
+def prepare_to_train(model, args, resume=None, add=None, train_rows=(), modules_to_save=(), dropout=None):
+    """Every fine-tuning stage's set-up of what trains, in the one order that keeps an adapter loadable:
+
+      1. fingerprint the base as loaded (LoRA runs), before anything changes it;
+      2. a LoRA run that resumes puts its adapter back on that base (load_lora redoes step 3 from the
+         adapter's own record: the larger vocabulary, the score head);
+      3. otherwise the stage's additions, add(model) (room for chat tokens, a score head), then LoRA's
+         adapters if args.lora_r, else (full fine-tuning) the resumed run's weights.
+
+    args: the stage's flags lora_r, lora_alpha, lora_dropout (dropout, if given, overrides it) and
+    lora_targets; resume: the checkpoint dict of the run being resumed, or None. Returns the
+    fingerprint (None without LoRA), which the stage's checkpoints record. Raises ValueError (an adapter
+    whose base changed, targets that match nothing) for the stage to report in one line."""
+    fingerprint = base_fingerprint(model) if args.lora_r else None
+    if args.lora_r and resume:
+        load_lora(model, resume["adapter"])
+        return fingerprint
+    if add is not None:
+        add(model)
+    if args.lora_r:
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout if dropout is None else dropout,
+                   args.lora_targets, train_rows, modules_to_save)
+    elif resume:
+        model.load_state_dict(resume["model"])
+    return fingerprint
+
+
 def load_lora(model, adapter):
     """Put an adapter (adapter_checkpoint's dict) onto the base model it was trained on, as loaded.
 

@@ -63,7 +63,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, lora_disabled
+from lora import DEFAULT_TARGETS, apply_lora, lora_disabled, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
     in_range, last_token, load_checkpoint, load_model, masked_mean, masked_whiten, optimizer_step, positive_int, \
     restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
@@ -367,17 +367,10 @@ def main(argv=None, reward_fn=None):
     elif args.algo == "ppo":
         value = copy.deepcopy(policy)
         value.add_score_head()
-    fingerprint = base_fingerprint(policy) if args.lora_r else None  # the base as loaded
-    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
-        if args.lora_r:
-            if resume:
-                load_lora(policy, resume["adapter"])
-            else:
-                apply_lora(policy, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
-            if value is not None:
-                apply_lora(value, args.lora_r, args.lora_alpha, 0.0, args.lora_targets, modules_to_save=("score_head",))
-        elif resume:
-            policy.load_state_dict(resume["model"])
+    try:  # LoRA (lora.prepare_to_train; the value model's head trains whole) or full; errors in one line
+        fingerprint = prepare_to_train(policy, args, resume, dropout=0.0)
+        if args.lora_r and value is not None:
+            apply_lora(value, args.lora_r, args.lora_alpha, 0.0, args.lora_targets, modules_to_save=("score_head",))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if resume and value is not None:

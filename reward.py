@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora
+from lora import DEFAULT_TARGETS, prepare_to_train
 from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, get_lr, \
     in_range, last_token, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, \
     resume_args, save_stage, set_rng_state, setup_runtime, training_state
@@ -327,7 +327,6 @@ def main(argv=None):
         sys.exit(f"error: --init-from: {e}")
     tokenizer = data.checkpoint_tokenizer(src)
     enc = data.get_encoding(tokenizer)
-    fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded
     model.to(rt.device)
 
     # ---- step 1: feedback on the policy's own answers (once; --resume reads what was written) -------
@@ -390,17 +389,12 @@ def main(argv=None):
     pad = enc.eot_token
 
     # ---- the reward model: a score head on the SFT body, LoRA if asked ------------------------------
-    try:  # an adapter whose base changed, or targets that match no layer, end in one line
-        if args.lora_r and resume:
-            load_lora(model, resume["adapter"])
-        else:
-            if model.score_head is None:
-                model.add_score_head()
-            if args.lora_r:
-                apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                           modules_to_save=("score_head",))
-            elif resume:
-                model.load_state_dict(resume["model"])
+    def add_head(m):
+        if m.score_head is None:
+            m.add_score_head()
+
+    try:  # a score head, then LoRA (the head trains whole) or full (lora.prepare_to_train); errors in one line
+        fingerprint = prepare_to_train(model, args, resume, add=add_head, modules_to_save=("score_head",))
     except ValueError as e:
         sys.exit(f"error: {e}")
     config = model.config

@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from lora import DEFAULT_TARGETS, apply_lora, base_fingerprint, load_lora, merge_lora
+from lora import DEFAULT_TARGETS, merge_lora, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
     in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
     save_stage, set_rng_state, setup_runtime, training_state
@@ -135,18 +135,11 @@ def main(argv=None):
         sys.exit(f"error: the tokenizer of {args.init_from}: {e}")
     if why := data.world_context_error(enc, args.data, True, model.config.block_size):  # now, not after training
         sys.exit(f"error: --init-from {args.init_from}: {why}")
-    fingerprint = base_fingerprint(model) if args.lora_r else None  # the base as loaded, before any change
-    try:  # an adapter whose base changed, or LoRA targets that match nothing: one line
-        if args.lora_r and resume:  # the adapter of the interrupted run goes back onto the same base
-            load_lora(model, resume["adapter"])
-        else:
-            model.resize_vocab(64 * math.ceil(enc.n_vocab / 64))  # a HF GPT-2 has 50,257 rows; the chat tokens need more
-            if args.lora_r:
-                # the chat tokens' embedding rows train too: a base model never read them, and with a
-                # frozen <|end|> row it could not learn to end its replies
-                apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, train_rows=chat_ids)
-            elif resume:
-                model.load_state_dict(resume["model"])
+    vocab = 64 * math.ceil(enc.n_vocab / 64)  # a HF GPT-2 has 50,257 rows; the chat tokens need more
+    try:  # room for the chat tokens, then LoRA or full (lora.prepare_to_train); an error in one line.
+        # With LoRA the chat tokens' embedding rows train too: a base model never read them, and with a
+        # frozen <|end|> row it could not learn to end its replies
+        fingerprint = prepare_to_train(model, args, resume, add=lambda m: m.resize_vocab(vocab), train_rows=chat_ids)
     except ValueError as e:
         sys.exit(f"error: {e}")
     config = model.config
