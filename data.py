@@ -984,7 +984,7 @@ def _strip(token, content, start, stop):
 
 
 # -----------------------------------------------------------------------------
-# Reading text: the input files, and documents streamed out of them one line at a time
+# Reading text: the input files, and the documents or JSON records streamed out of them line by line
 
 def list_input_files(path):
     """The .txt and .jsonl files at path (a file, a glob, or a directory searched recursively), sorted."""
@@ -1006,65 +1006,103 @@ def list_input_files(path):
     return files
 
 
-
 def iter_documents(path, field="text", separator="", on_bad=None):
-    """Yield (line number, text) for each document of one file, streaming.
+    """Yield ("file:line", text) for each document of one file, streaming; the line is where it starts.
 
-    A .jsonl file holds one document per line, in its `field`. A .txt file is one document, or many
-    split on `separator`: "blank" for blank lines, any other string (e.g. "<|endoftext|>") literally.
-    Bad input (a binary file, invalid UTF-8, a line that is not JSON or lacks the field, a file with no
-    text) raises DataError naming file and line; given on_bad, the message goes to on_bad(message)
-    instead and the document is skipped.
+    A .jsonl file holds one document per line, in its `field` (the lines are read by iter_jsonl). A
+    .txt file is one document, or many split on `separator`: "blank" for blank lines, any other string
+    (e.g. "<|endoftext|>") literally. Bad input (a binary file, invalid UTF-8, a line that is not JSON
+    or lacks the field, a file with no text) raises DataError naming file and line; given on_bad, the
+    message goes to on_bad(message) instead and the document is skipped.
     """
-    def bad(message):
-        if on_bad is None:
-            raise DataError(message)
-        on_bad(message)
+    bad = on_bad or _raise
+    if path.endswith(".jsonl"):
+        for where, record in iter_jsonl(path, bad):
+            if (text := _json_field(record, field, where, bad)) is not None:
+                yield where, text
+        return
+    n_docs, doc, doc_line, doc_ok = 0, [], 1, True
+    for lineno, line in _text_lines(path, bad):
+        if line is None:  # unreadable and reported: the document holding it is dropped
+            doc_ok = False
+            continue
+        if not separator:
+            parts = [line]
+        elif separator == "blank":
+            parts = [line] if line.strip() else ["", ""]  # a blank line ends the document
+        else:
+            parts = line.split(separator)
+        doc.append(parts[0])
+        for part in parts[1:]:  # each separator ends the document so far
+            if doc_ok and "".join(doc).strip():
+                n_docs += 1
+                yield f"{path}:{doc_line}", "".join(doc)
+            doc, doc_line, doc_ok = [part], lineno + (separator == "blank"), True
+    if doc_ok and "".join(doc).strip():
+        n_docs += 1
+        yield f"{path}:{doc_line}", "".join(doc)
+    if n_docs == 0 and doc_ok:
+        bad(f"{path}: file is empty")
 
-    n_docs = 0
+
+def iter_jsonl(path, on_bad=None):
+    """Yield ("file:line", record) for each non-blank line of a .jsonl file: the one JSON-lines reader of
+    documents, chat, preference and prompt data, so bad input names its file and line the same way
+    everywhere. Bad input raises DataError; given on_bad, the message goes to on_bad(message) instead
+    and the line is skipped."""
+    bad = on_bad or _raise
+    if not path.endswith(".jsonl"):
+        raise DataError(f"{path}: must be a .jsonl file (one JSON record per line)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    empty = True  # only blank lines so far (an unreadable line, reported already, is not blank)
+    for lineno, line in _text_lines(path, bad):
+        empty = empty and line is not None and not line.strip()
+        if not line or not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(f"{path}:{lineno}: not valid JSON ({e.msg})")
+            continue
+        yield f"{path}:{lineno}", record
+    if empty:
+        bad(f"{path}: file is empty")
+
+
+def _raise(message):
+    """What bad input does without an on_bad: stop with a DataError."""
+    raise DataError(message)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _text_lines(path, bad):
+    """Yield (line number, line) of a UTF-8 text file, streaming: what both readers above read.
+
+    Bad input goes to bad(message) and comes out as a line of None, so the caller drops what holds
+    it: a line of invalid UTF-8, or a compressed or binary file (one None, at line 0, and no more).
+    A UTF-8 byte-order mark (Windows editors write one) is not text and is skipped.
+    """
     with open(path, "rb") as f:
         head = f.read(8192)
         if compressed := _compression(head):
-            return bad(f"{path}: a {compressed} file, not text: decompress it first")
+            bad(f"{path}: a {compressed} file, not text: decompress it first")
+            yield 0, None
+            return
         if b"\0" in head:  # text never holds NUL bytes; images, archives and models nearly always do
-            return bad(f"{path}: binary file (NUL bytes), not text")
-        f.seek(3 if head.startswith(BOM) else 0)  # a UTF-8 byte-order mark (Windows editors) is not text
-        jsonl = path.endswith(".jsonl")
-        doc, doc_line, doc_ok = [], 1, True
+            bad(f"{path}: binary file (NUL bytes), not text")
+            yield 0, None
+            return
+        f.seek(3 if head.startswith(BOM) else 0)
         for lineno, raw in enumerate(f, 1):  # splits on b"\n" only: JSON strings may hold U+2028
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad(f"{path}:{lineno}: invalid UTF-8 (byte {e.start} of the line); is this a text file?")
-                doc_ok = False
-                continue
-            if jsonl:
-                if line.strip():
-                    n_docs += 1
-                    text = _json_field(line, field, f"{path}:{lineno}", bad)
-                    if text is not None:
-                        yield lineno, text
-                continue
-            if not separator:
-                parts = [line]
-            elif separator == "blank":
-                parts = [line] if line.strip() else ["", ""]  # a blank line ends the document
-            else:
-                parts = line.split(separator)
-            doc.append(parts[0])
-            for part in parts[1:]:  # each separator ends the document so far
-                if doc_ok and "".join(doc).strip():
-                    n_docs += 1
-                    yield doc_line, "".join(doc)
-                doc, doc_line, doc_ok = [part], lineno + (separator == "blank"), True
-        if not jsonl and doc_ok and "".join(doc).strip():
-            n_docs += 1
-            yield doc_line, "".join(doc)
-    if n_docs == 0 and doc_ok:
-        bad(f"{path}: file is empty")
-
-
-BOM = b"\xef\xbb\xbf"
+                line = None
+            yield lineno, line
 
 
 def _compression(head):
@@ -1073,12 +1111,8 @@ def _compression(head):
     return next((name for m, name in magic.items() if head.startswith(m)), None)
 
 
-def _json_field(line, field, where, bad):
-    """The string `field` of one JSON line, or None after reporting why it is missing."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        return bad(f"{where}: not valid JSON ({e.msg})")
+def _json_field(record, field, where, bad):
+    """The string `field` of one JSON record, or None after reporting why it is missing."""
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         return bad(f"{where}: record has no string field {field!r}")
     try:
@@ -1202,36 +1236,6 @@ def _tokenize_files(files, enc, bin_path, key, val_fraction):
 # Instruction data: records -> chat messages -> token ids with the prompt masked
 
 ROLES = ("system", "user", "assistant")
-
-
-def iter_jsonl(path):
-    """Yield ("file:line", record) for each non-blank line of a .jsonl file: the one line reader of
-    chat, preference and prompt data, so bad input names its file and line the same way everywhere."""
-    if not path.endswith(".jsonl"):
-        raise DataError(f"{path}: must be a .jsonl file (one JSON record per line)")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    n_records = 0
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if compressed := _compression(head):
-            raise DataError(f"{path}: a {compressed} file, not text: decompress it first")
-        f.seek(3 if head.startswith(BOM) else 0)  # a UTF-8 byte-order mark is not text
-        for lineno, raw in enumerate(f, 1):  # splits on b"\n" only: JSON strings may hold U+2028
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            n_records += 1
-            yield f"{path}:{lineno}", record
-    if n_records == 0:
-        raise DataError(f"{path}: file is empty")
 
 
 def _json_type(value):

@@ -6,7 +6,8 @@ remove duplicates, tokenize it, because the data decides what the model knows an
 things up. `python prepare.py prepare` runs those steps in that order over any number of files and
 writes training-ready token shards that `python pretrain.py --data DIR` reads:
 
-  1. ingest     .txt files (one document each, or split on --separator), .jsonl files, dirs, globs
+  1. ingest     .txt files (one document each, or split on --separator), .jsonl files, dirs, globs;
+                data.py reads them (list_input_files, iter_documents)
   2. normalize  Unicode NFC (or NFKC), control and zero-width characters, line endings, whitespace
   3. filter     quality heuristics from Gopher and C4: length, letters, word length, repetition
   4. dedup      exact (a hash of the text) and near-duplicates (MinHash signatures + LSH bands)
@@ -23,11 +24,13 @@ the run at the first one, naming file and line.
   python prepare.py prepare corpus/ 'more/*.jsonl' --tokenizer train --vocab-size 4096 --out out/data/mine
   python prepare.py train-tokenizer data/tinyshakespeare.txt --vocab-size 4096 --out out/tok/shakespeare.json
   python prepare.py download --out data/raw/TinyStoriesV2-GPT4-valid.txt
+  python prepare.py world
 
-The tokenizer travels inside every checkpoint as a plain dict (see gpt2_tokenizer), so any later stage
-or sample.py rebuilds the exact encoding from the checkpoint alone. Raw .txt/.jsonl inputs given
-straight to pretrain.py are tokenized without cleaning into a cache (prepare_tokens). The last part
-of the file serves the training stages: random windows of tokens as batches (BatchSampler).
+The tokenizer travels inside every checkpoint as a plain dict (see data.gpt2_tokenizer), so any later
+stage or sample.py rebuilds the exact encoding from the checkpoint alone. Raw .txt/.jsonl inputs given
+straight to pretrain.py are tokenized without cleaning into a cache (data.prepare_tokens); the training
+stages draw random windows of tokens from either as batches (data.BatchSampler). The last part of this
+file writes the tiny world (`python prepare.py world`, data/world/): the default data of every stage.
 """
 
 
@@ -651,11 +654,11 @@ def _clean(args, files, clean_path, steps):
     def documents(bar):
         t0 = time.process_time()
         for path in files:
-            for line, text in iter_documents(path, args.field, args.separator, None if args.strict else on_bad):
+            for source, text in iter_documents(path, args.field, args.separator, None if args.strict else on_bad):
                 steps["ingest"]["docs"] += 1
                 bar.update(len(text))
                 steps["ingest"]["seconds"] += time.process_time() - t0
-                yield f"{path}:{line}", text
+                yield source, text
                 t0 = time.process_time()
         steps["ingest"]["seconds"] += time.process_time() - t0
 
@@ -812,6 +815,7 @@ def print_report(steps, manifest=None):
                      f"{manifest['peak_rss_mb']['main']:.0f} MB (main process), {manifest['peak_rss_mb']['largest_worker']:.0f} "
                      f"MB (largest worker)\ntrain on it: python pretrain.py --data {manifest['settings']['out']}")
     tqdm.write("\n".join(lines))
+
 
 # -----------------------------------------------------------------------------
 # The tiny world: the default data of every stage, generated from a table of countries
@@ -991,13 +995,17 @@ def write_world(args):
 
 
 # -----------------------------------------------------------------------------
-# Command line: python prepare.py prepare | train-tokenizer | download
+# Command line: python prepare.py prepare | train-tokenizer | world | download
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="steps:\n" + __doc__.split("\n\n")[2] + "\n\n" + __doc__.split("\n\n")[4])
+    p = argparse.ArgumentParser(
+        description="The data stage: raw text in; cleaned, deduplicated, tokenized training shards out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="prepare's steps: 1 ingest, 2 normalize, 3 filter, 4 dedup, 5 tokenizer, 6 shard. Each command's\n"
+               "--help lists its flags and their defaults. For example:\n"
+               "  python prepare.py prepare data/tinystories_valid_head.txt --separator blank --min-words 20 --out out/data/stories\n"
+               "  python prepare.py world")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     reading = argparse.ArgumentParser(add_help=False)

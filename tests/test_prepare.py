@@ -1,8 +1,8 @@
-"""Tests for the data stage in prepare.py (`python prepare.py prepare | train-tokenizer | download`): reading
-and bad input, normalization, quality filters, deduplication (precision and recall on planted near-
+"""Tests for the data stage in prepare.py (`python prepare.py prepare | train-tokenizer | world | download`):
+reading and bad input, normalization, quality filters, deduplication (precision and recall on planted near-
 duplicates), the trained BPE tokenizer (hand-computed merges, agreement with tiktoken, round trips,
 determinism), shards and manifest (atomic writes, an interrupted run), pretraining on a prepared
-directory, and the download helper against a local HTTP server.
+directory, the download helper against a local HTTP server, the tiny world, and --help.
 
 Everything runs offline on tiny inputs under tmp_path. Run: python -m pytest tests/test_prepare.py
 """
@@ -68,9 +68,22 @@ def test_txt_separators_and_jsonl(tmp_path):
     assert [t for _, t in data.iter_documents(txt, separator="blank")] == ["one\ntwo\n", "three<|endoftext|>four\n<|endoftext|>\n"]
     # the separator may sit inside a line; whitespace-only pieces are not documents
     assert [t for _, t in data.iter_documents(txt, separator="<|endoftext|>")] == ["one\ntwo\n\n\nthree", "four\n"]
+    assert [w for w, _ in data.iter_documents(txt, separator="blank")] == [f"{txt}:1", f"{txt}:5"]  # where each starts
     js = write(tmp_path / "b.jsonl", jsonl("x", "y\u2028z") + "\n" + json.dumps({"body": "w"}) + "\n")
-    assert list(data.iter_documents(js, on_bad=lambda m: None)) == [(1, "x"), (2, "y\u2028z")]
-    assert list(data.iter_documents(js, field="body", on_bad=lambda m: None)) == [(4, "w")]
+    assert list(data.iter_documents(js, on_bad=lambda m: None)) == [(f"{js}:1", "x"), (f"{js}:2", "y\u2028z")]
+    assert list(data.iter_documents(js, field="body", on_bad=lambda m: None)) == [(f"{js}:4", "w")]
+
+
+def test_documents_and_records_come_from_one_jsonl_reader(tmp_path):
+    """iter_documents reads .jsonl through iter_jsonl: the same lines, skipped with the same messages."""
+    js = write(tmp_path / "c.jsonl", b'{"text": "a"}\n{"text": \n\xe9\n\n{"text": "b"}\n')
+    for read in (data.iter_documents, data.iter_jsonl):
+        messages = []
+        assert [w for w, _ in read(js, on_bad=messages.append)] == [f"{js}:1", f"{js}:5"]
+        assert messages == [f"{js}:2: not valid JSON (Expecting value)",
+                            f"{js}:3: invalid UTF-8 (byte 0 of the line); is this a text file?"]
+        with pytest.raises(DataError, match=f"^{re.escape(js)}:2: not valid JSON"):
+            list(read(js))
 
 
 def test_inputs_expand_directories_and_globs(tmp_path):
@@ -598,6 +611,16 @@ def world_files(tmp_path, name, *argv):
     out = str(tmp_path / name)
     prepare.main(["world", "--out", out, *argv])
     return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+
+
+def test_help_is_text_of_its_own_and_shows_defaults(monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "__doc__", "")  # --help is not cut out of the module docstring
+    for argv in (["--help"], ["prepare", "--help"], ["world", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            prepare.get_args(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "python prepare.py world" in out and "(default: 0.8)" in out and "(default: 4096)" in out
 
 
 def test_world_is_byte_identical_for_a_seed_and_matches_the_bundled_files(tmp_path):
