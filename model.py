@@ -17,6 +17,17 @@ scores, sandwich norms and scaled embeddings (Gemma 2), per-layer RoPE bases (Ge
 Shape letters used in comments throughout the repository:
   B batch, T sequence length, C width (n_embd), H heads, D head size (C = H*D),
   Hkv key/value heads, V vocabulary size; Tp and Tr when prompt and response are split.
+
+Contents (section: lines). The network first, then loading and saving it, then what training loops need:
+  config: 54-159               IGNORE_INDEX, FAMILIES, HF_ARCHITECTURES, GPTConfig
+  building blocks: 162-404     norms, RoPE, KVCache, attention_mask, CausalSelfAttention, MLP, Block
+  the model: 407-689           GPT: forward, hidden states, the reward/value head, generation
+  losses and sampling: 692-764 token_logprobs, cross_entropy, entropy_from_logits, masked_mean,
+                               masked_whiten, last_token, sample_next
+  checkpoints: 767-944         atomic_write, claim_out_dir, save_checkpoint, load_checkpoint, load_model
+  Hugging Face: 947-1267       from_pretrained and save_pretrained, config.json, the name table
+  training runtime: 1270-1554  get_lr, GracefulStop, RNG state, configure_optimizer, optimizer_step,
+                               training state, argparse types, Runtime, setup_runtime, peak_flops
 """
 
 import contextlib
@@ -38,6 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+
+
+# -----------------------------------------------------------------------------
+# Config: the loss's ignore index, the two families, the Hugging Face switches, GPTConfig
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (PyTorch's cross_entropy default)
 
@@ -261,7 +276,7 @@ def attention_mask(start, key_pos, key_real=None, window=0):
     The T queries are the last keys (cache slots start..Tk-1). A query sees keys at its slot or before
     (causal); only real ones (key_real (B, Tk), for left padding); and with a window only those less than
     `window` positions back, counted in key_pos ((Tk,) or (B, Tk) position ids over real tokens), so that a
-    padded row sees what it sees alone. A padded query may attend to itself (see GPT.hidden_states).
+    padded row sees what it sees alone. A padded query may attend to itself (see GPT.positions_and_masks).
     """
     Tk = key_pos.size(-1)
     if key_real is None and (not window or Tk <= window) and (start == 0 or Tk - start == 1):
@@ -302,7 +317,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=None):
         """x (B, T, C); rope: (cos, sin) for these T positions; mask: (T, Tk) or (B, 1, T, Tk) bool, True = may
-        attend, or None for plain causal attention (see GPT.hidden_states, which builds both)."""
+        attend, or None for plain causal attention (see GPT.positions_and_masks, which builds both)."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         pos = cache.pos if cache is not None else 0  # cache slot of x's first token
@@ -448,6 +463,12 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token: 6N for the matmuls forward+backward, plus 12·L·C·T for attention
+        scores and weighted values (PaLM paper, Appendix B). Used for MFU."""
+        T = T or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
     @torch.no_grad()
     def resize_vocab(self, vocab_size):
         """Grow the token embedding (and lm_head) to vocab_size rows, e.g. to give a Hugging Face GPT-2
@@ -487,7 +508,7 @@ class GPT(nn.Module):
 
         targets (B, T) holds the token that should follow each position (idx shifted left by one).
         With a KVCache, idx holds only the new tokens and the cache supplies the earlier ones.
-        pad_mask (B, T) bool is True on real tokens, for left-padded batches (see hidden_states).
+        pad_mask (B, T) bool is True on real tokens, for left-padded batches (see positions_and_masks).
         """
         logits = self.logits(self.hidden_states(idx, cache, pad_mask))  # (B, T, C) -> (B, T, V)
         loss = cross_entropy(logits, targets) if targets is not None else None
@@ -501,7 +522,28 @@ class GPT(nn.Module):
         return z
 
     def hidden_states(self, idx, cache=None, pad_mask=None):
-        """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or score_head) reads.
+        """idx (B, T) -> the final normalised hidden states (B, T, C) that lm_head (or score_head) reads:
+        embeddings, then the blocks, then the final norm. With a KVCache idx holds only the new tokens;
+        pad_mask (B, T) is True on the real tokens of a left-padded batch (see positions_and_masks)."""
+        pos_ids, masks, rope = self.positions_and_masks(idx, cache, pad_mask)  # masks, rope: per kind of layer
+        x = self.tok_emb(idx)                                    # (B, T) -> (B, T, C)
+        if self.config.embed_scale:  # Gemma: times √C, rounded to the weights' dtype as its reference code does
+            x = x * torch.tensor(self.config.n_embd ** 0.5).to(x.dtype)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos_ids)                        # (T, C) or (B, T, C), broadcast over B
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            local = self.config.slides(i)
+            x = block(x, rope[local], cache, masks[local])
+        if cache is not None:  # every layer has stored this call's keys and values
+            cache.pos += idx.size(1)
+        return self.ln_f(x)
+
+    def positions_and_masks(self, idx, cache=None, pad_mask=None):
+        """What hidden_states needs besides the tokens: their position ids pos_ids, (T,) or (B, T), and for
+        each kind of layer (False: global, True: sliding) its attention mask (attention_mask) and its RoPE
+        table (None with learned positions). With a cache it also makes room there for idx and records which
+        of its slots hold real tokens; hidden_states advances cache.pos once every layer has run.
 
         Padding. Prompts of different lengths are batched by left-padding them (data.left_pad), with
         pad_mask (B, T) True on real tokens. Then each row must compute exactly what it would alone:
@@ -536,18 +578,7 @@ class GPT(nn.Module):
         masks = {local: attention_mask(start, key_pos, key_real, self.config.sliding_window if local else 0)
                  for local in kinds}
         rope = {local: self.rope(pos_ids, local) if self.pos_emb is None else None for local in kinds}
-        x = self.tok_emb(idx)                                    # (B, T) -> (B, T, C)
-        if self.config.embed_scale:  # Gemma: times √C, rounded to the weights' dtype as its reference code does
-            x = x * torch.tensor(self.config.n_embd ** 0.5).to(x.dtype)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos_ids)                        # (T, C) or (B, T, C), broadcast over B
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            local = self.config.slides(i)
-            x = block(x, rope[local], cache, masks[local])
-        if cache is not None:
-            cache.pos += T
-        return self.ln_f(x)
+        return pos_ids, masks, rope
 
     def rope(self, pos_ids, local=False):
         """(cos, sin) of RoPE at pos_ids (T,) or (B, T), in fp32 even in a bf16 model (positions need the
@@ -637,335 +668,25 @@ class GPT(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
     # -------------------------------------------------------------------------
-    # Hugging Face checkpoints
+    # Hugging Face checkpoints: thin methods; the code is in "Hugging Face import and export" below
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a Hugging Face directory (config.json + model.safetensors, its shards, or pytorch_model.bin) in
-        fp32: GPT-2 into the gpt2 family; Llama (Llama 2/3, SmolLM, TinyLlama), Qwen2, Qwen3, Mistral, Phi-3,
-        Gemma 2 and Gemma 3 (text) into the modern family with their switches (HF_ARCHITECTURES).
-
-        Every tensor in the files must land in the model: a Qwen3 directory relabelled llama would otherwise
-        load without its q/k norms and give wrong logits, silently. The model is built on the meta device
-        (shapes, no memory), given uninitialised fp32 tensors (to_empty) and each is filled from the file,
-        read one tensor at a time, so loading holds one copy of the weights plus one tensor: no random init
-        to overwrite, no second copy of the file. block_size is the checkpoint's whole context; nothing is
-        allocated for it up front (see KVCache, attention_mask, GPT.rope).
-        """
-        where = os.path.join(path, "config.json")
-        with open(where) as f:
-            hf = json.load(f)
-        config = _hf_config(hf, where)
-        kind = config.hf_model_type
-        theirs = _read_hf_weights(path)  # {name: function reading that tensor}
-        if kind == "gpt2":  # GPT2LMHeadModel's names start with transformer., GPT2Model's do not
-            theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
-        table = _hf_name_table(config, kind, config.intermediate_size)
-        wanted = {name for _, parts, _ in table for name, _ in parts}
-        missing = sorted(wanted - theirs.keys())
-        unread = sorted(n for n in theirs.keys() - wanted - {"lm_head.weight"} if not n.endswith(_NOT_WEIGHTS))
-        if missing:
-            raise ValueError(f"{path}: weight {missing[0]!r} missing from the checkpoint")
-        if unread:
-            raise ValueError(f"{path}: {len(unread)} tensors this loader would not read as model_type {kind!r}, "
-                             f"e.g. {', '.join(unread[:3])}: config.json describes another architecture")
-        with torch.device("meta"):  # shapes only: no random weights drawn to be thrown away
-            model = cls(config)
-        model.to_empty(device="cpu")  # uninitialised fp32 tensors, each filled below
-        if config.tie_embeddings:  # to_empty made lm_head a tensor of its own: share tok_emb's again
-            model.lm_head.weight = model.tok_emb.weight
-        params = model.state_dict()
-        tied = {"lm_head.weight"} if config.tie_embeddings else set()
-        unfilled = params.keys() - {ours for ours, _, _ in table} - tied
-        if unfilled:  # the name table and the model disagree: a bug here, not in the checkpoint
-            raise RuntimeError(f"no Hugging Face tensor for {sorted(unfilled)[:3]}")
-        with torch.no_grad():
-            for ours, parts, transposed in table:
-                pieces = params[ours].split([rows for _, rows in parts]) if len(parts) > 1 else [params[ours]]
-                for (name, _), piece in zip(parts, pieces):  # q, k, v (gate, up) into their rows of ours
-                    w = theirs.pop(name)()                   # read now, in the file's dtype: one at a time
-                    w = w.t() if transposed else w
-                    if w.shape != piece.shape:
-                        raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, "
-                                         f"config.json says {tuple(piece.shape)}")
-                    piece.copy_(w)                           # into the fp32 parameter: the stages train it
-            if config.tie_embeddings and "lm_head.weight" in theirs:  # a tied matrix some files store twice
-                if not torch.equal(theirs.pop("lm_head.weight")().float(), params["tok_emb.weight"]):
-                    raise ValueError(f"{where}: tie_word_embeddings, but lm_head.weight differs from embed_tokens")
-        return model
+        """Load a Hugging Face directory (config.json and its weights) in fp32; see _hf_load."""
+        return _hf_load(cls, path)
 
     def hf_architecture(self):
-        """The Hugging Face model_type save_pretrained writes, or None where no format holds this model: gpt2
-        for the gpt2 family with tied embeddings and no GQA; for the modern family the row of HF_ARCHITECTURES
-        it was loaded from, else the first row whose switches are exactly the ones it has on."""
-        c = self.config
-        if c.score_head:
-            return None
-        on = c.switches()
-        if c.pos_emb == "learned":
-            gpt2 = (c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head, c.head_dim * c.n_head) == \
-                ("layernorm", "gelu", True, True, c.n_head, c.n_embd)
-            return "gpt2" if gpt2 and not on else None
-        if (c.norm, c.bias) != ("rmsnorm", False) or c.mlp not in ("swiglu", "geglu"):
-            return None
-        for kind in [c.hf_model_type, *HF_ARCHITECTURES]:
-            if kind in HF_ARCHITECTURES:
-                _, always, optional = HF_ARCHITECTURES[kind]
-                if set(always) <= on <= set(always) | set(optional):
-                    return kind
-        return None
+        """The Hugging Face model_type save_pretrained writes, or None where no format holds this model;
+        see _hf_architecture."""
+        return _hf_architecture(self.config)
 
     def exports_to_hf(self):
         """True when save_pretrained can write this model (see hf_architecture)."""
         return self.hf_architecture() is not None
 
     def save_pretrained(self, path):
-        """Export to a Hugging Face directory as the architecture hf_architecture names, the reverse of
-        from_pretrained: config.json (with the context length and the bos/eos/pad ids the model was loaded
-        with), generation_config.json (bos/eos, so that transformers' generate stops at EOS), and
-        model.safetensors (pytorch_model.bin when the optional safetensors package is missing)."""
-        c, kind = self.config, self.hf_architecture()
-        if kind is None:
-            raise ValueError("no Hugging Face format holds this model: the gpt2 family exports with tied embeddings "
-                             "and no GQA, the modern family when its switches are one row's of HF_ARCHITECTURES, "
-                             "neither with a score head")
-        I = self.blocks[0].mlp.proj.in_features
-        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        hf_sd = {}
-        prefix = "transformer." if kind == "gpt2" else ""
-        for ours, parts, transposed in _hf_name_table(c, kind, I):
-            w = sd[ours].t() if transposed else sd[ours]
-            pieces = w.split([rows for _, rows in parts]) if len(parts) > 1 else [w]  # q|k|v, gate|up apart again
-            hf_sd.update({prefix + name: piece for (name, _), piece in zip(parts, pieces)})
-        if kind == "gpt2":
-            hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
-        ids = {k: c.special_ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        if kind == "gpt2" and not c.special_ids and c.vocab_size > 50256:  # <|endoftext|>: begin and end of text
-            ids.update(bos_token_id=50256, eos_token_id=50256)
-        hf_config = {**_hf_config_json(c, kind, I), **ids}
-        hf_sd = {k: v.contiguous().clone() for k, v in hf_sd.items()}  # safetensors stores no shared tensors
-        files = {"config.json": hf_config}
-        if ids["bos_token_id"] is not None or ids["eos_token_id"] is not None:
-            files["generation_config.json"] = {k: v for k, v in ids.items() if v is not None}
-        os.makedirs(path, exist_ok=True)
-        for name, d in files.items():
-            atomic_write(os.path.join(path, name), lambda f, d=d: f.write(json.dumps(d, indent=2).encode()))
-        try:
-            from safetensors.torch import save
-        except ImportError:
-            atomic_write(os.path.join(path, "pytorch_model.bin"), lambda f: torch.save(hf_sd, f))
-        else:
-            atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(save(hf_sd, {"format": "pt"})))
-
-    def flops_per_token(self, T=None):
-        """Training FLOPs per token: 6N for the matmuls forward+backward, plus 12·L·C·T for attention
-        scores and weighted values (PaLM paper, Appendix B). Used for MFU."""
-        T = T or self.config.block_size
-        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
-
-
-def _hf_config(hf, where):
-    """The GPTConfig of a Hugging Face config.json (hf, read from where). What this decoder does not compute as
-    transformers does is refused with a ValueError naming config.json's field."""
-    kind = hf.get("model_type", "gpt2")
-    special = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-
-    def refuse(name, why):
-        raise ValueError(f"{where}: {name} = {json.dumps(hf[name])} {why}")
-
-    if kind == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            refuse("activation_function", "is not GPT-2's tanh GELU")
-        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                         n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 0,
-                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), hf_model_type=kind, special_ids=special,
-                         **FAMILIES["gpt2"])
-    if kind == "gemma3":
-        refuse("model_type", "is Gemma 3's image-text model (vision_config); load a text-only checkpoint "
-                             "(Gemma3ForCausalLM, model_type gemma3_text, e.g. gemma-3-1b-it)")
-    if kind not in HF_ARCHITECTURES:
-        refuse("model_type", f"does not load: only gpt2, {', '.join(HF_ARCHITECTURES)}")
-    gemma = kind.startswith("gemma")
-    act_field, act = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
-    if hf.get(act_field, act) != act:
-        refuse(act_field, f"is not supported by this loader ({act} only)")
-    for name in ("attention_bias", "mlp_bias", "use_sliding_window", "num_experts", "use_bidirectional_attention"):
-        if hf.get(name):
-            refuse(name, "is not supported by this loader")
-    if kind == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
-        refuse("attn_logit_softcapping", "is ignored by transformers' Gemma 3, so this loader refuses it")
-
-    # RoPE: transformers 5 writes rope_parameters (Gemma 3: one per layer type); older files rope_theta,
-    # rope_scaling, and for Gemma 3 rope_local_base_freq
-    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope, local = hf.get(rope_field) or {}, {}
-    if "full_attention" in rope:
-        rope, local = rope["full_attention"] or {}, rope.get("sliding_attention") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    allowed = {"llama": ("default", "llama3"), "gemma3_text": ("default", "linear")}.get(kind, ("default",))
-    if rope_type not in allowed or local.get("rope_type", "default") != "default":  # e.g. Phi-3 128k's longrope (su)
-        raise ValueError(f"{where}: {rope_field} of type {rope_type!r} is not supported for {kind} by this loader "
-                         f"({' or '.join(allowed)})")
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor = {partial} is not supported by this loader (RoPE on "
-                         f"the whole head only)")
-    llama3 = tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                     "original_max_position_embeddings")) if rope_type == "llama3" else ()
-
-    # which layers slide: Mistral and Phi-3 all (when sliding_window is set), Gemma all but every n-th
-    L = hf["num_hidden_layers"]
-    window = (hf.get("sliding_window") or 0) if gemma or kind in ("mistral", "phi3") else 0
-    if gemma:
-        n = hf.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)  # what transformers assumes without it
-        types = hf.get("layer_types") or ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
-                                          for i in range(L)]
-    else:
-        types = ["sliding_attention" if window else "full_attention"] * L
-    slides = [t == "sliding_attention" for t in types]
-    every = 0 if all(slides) else slides.index(False) + 1
-    if set(types) - {"sliding_attention", "full_attention"} or slides != [not every or (i + 1) % every != 0
-                                                                        for i in range(L)]:
-        refuse("layer_types", "is not supported by this loader (a sliding window on all layers, or all but every n-th)")
-    if not any(slides):
-        window = every = 0
-
-    C, H = hf["hidden_size"], hf["num_attention_heads"]
-    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"], n_layer=L,
-                     n_head=H, n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
-                     head_dim=hf.get("head_dim") or C // H, intermediate_size=hf["intermediate_size"],
-                     norm_eps=hf.get("rms_norm_eps", 1e-6),
-                     rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "gemma3_text" else 1e4)),
-                     tie_embeddings=hf.get("tie_word_embeddings", gemma), qkv_bias=kind == "qwen2", rope_llama3=llama3,
-                     qk_norm=kind in ("qwen3", "gemma3_text"), sliding_window=window, global_every=every,
-                     rope_local_theta=local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
-                     if kind == "gemma3_text" else 0.0,
-                     rope_linear=rope.get("factor", 1.0) if rope_type == "linear" else 1.0,
-                     query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else 0.0,
-                     attn_softcap=(hf.get("attn_logit_softcapping") or 0.0) if gemma else 0.0,
-                     final_softcap=(hf.get("final_logit_softcapping") or 0.0) if gemma else 0.0,
-                     norm_plus_one=gemma, sandwich_norm=gemma, embed_scale=gemma, hf_model_type=kind,
-                     special_ids=special, **{**FAMILIES["modern"], "mlp": "geglu" if gemma else "swiglu"})
-
-
-def _hf_config_json(c, kind, I):
-    """config.json's architecture fields for config c exported as kind (I: the MLP's hidden width)."""
-    if kind == "gpt2":
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
-                    n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                    n_inner=I if I != 4 * c.n_embd else None, activation_function="gelu_new",
-                    layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                    tie_word_embeddings=True)
-    hf = dict(architectures=[HF_ARCHITECTURES[kind][0]], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.n_embd,
-              intermediate_size=I, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
-              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
-              attention_bias=False, torch_dtype="float32")
-    if kind.startswith("gemma"):
-        # every field written, None where off: transformers' defaults (softcaps 50 and 30, window 4096) are not ours
-        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
-                  sliding_window=c.sliding_window or c.block_size,  # no layer slides when 0: any value
-                  layer_types=["sliding_attention" if c.slides(i) else "full_attention" for i in range(c.n_layer)],
-                  attn_logit_softcapping=c.attn_softcap or None, final_logit_softcapping=c.final_softcap or None)
-    else:
-        hf["hidden_act"] = "silu"
-    if kind in ("mistral", "phi3"):
-        hf["sliding_window"] = c.sliding_window or None
-    if kind == "gemma3_text":
-        hf.update(rope_local_base_freq=c.rope_local_theta or c.rope_theta,
-                  rope_scaling=dict(rope_type="linear", factor=c.rope_linear) if c.rope_linear != 1 else None)
-    if c.rope_llama3:
-        hf["rope_scaling"] = dict(zip(("factor", "low_freq_factor", "high_freq_factor",
-                                       "original_max_position_embeddings"), c.rope_llama3), rope_type="llama3")
-    return hf
-
-
-def _hf_name_table(c, kind, I):
-    """(our name, [(Hugging Face name, rows)], transposed?) for every weight of config c as model_type kind, I
-    its MLP width. Where one of ours stacks several of theirs along dim 0 (q, k and v; gate and up), rows says
-    how many each holds. GPT-2 stores its projections as Conv1D with weight (in, out); nn.Linear keeps (out, in).
-    HF's names: Llama's post_attention_layernorm is the norm before the MLP, Gemma's the one after attention."""
-    if kind == "gpt2":
-        table = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
-                 ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
-        for i in range(c.n_layer):
-            for ours, theirs, is_conv in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                                          ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
-                                          ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
-                table.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", is_conv))
-                table.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
-        return [(ours, [(theirs, None)], transposed) for ours, theirs, transposed in table]
-    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
-    gemma = kind.startswith("gemma")
-    names = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
-    if not c.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    table = []
-    for i in range(c.n_layer):
-        a, o = f"model.layers.{i}.", f"blocks.{i}."
-        names.update({o + "ln1.weight": a + "input_layernorm.weight",
-                      o + "attn.proj.weight": a + "self_attn.o_proj.weight",
-                      o + "ln2.weight": a + ("pre_feedforward" if gemma else "post_attention") + "_layernorm.weight",
-                      o + "mlp.proj.weight": a + "mlp.down_proj.weight"})
-        if gemma:
-            names.update({o + "ln1_post.weight": a + "post_attention_layernorm.weight",
-                          o + "ln2_post.weight": a + "post_feedforward_layernorm.weight"})
-        if c.qk_norm:
-            names.update({o + "attn.q_norm.weight": a + "self_attn.q_norm.weight",
-                          o + "attn.k_norm.weight": a + "self_attn.k_norm.weight"})
-        if kind == "phi3":  # fused on disk as ours are
-            names.update({o + "attn.qkv.weight": a + "self_attn.qkv_proj.weight",
-                          o + "mlp.fc.weight": a + "mlp.gate_up_proj.weight"})
-            continue
-        for p in ("weight", "bias") if c.qkv_bias else ("weight",):
-            qkv = [(a + f"self_attn.{x}_proj.{p}", rows) for x, rows in zip("qkv", (H * D, Hkv * D, Hkv * D))]
-            table.append((o + f"attn.qkv.{p}", qkv, False))
-        table.append((o + "mlp.fc.weight", [(a + "mlp.gate_proj.weight", I), (a + "mlp.up_proj.weight", I)], False))
-    return [(ours, [(theirs, None)], False) for ours, theirs in names.items()] + table
-
-
-# buffers that older files carry and no model needs: GPT-2's causal mask, Llama's RoPE frequencies
-_NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
-def _read_hf_weights(path):
-    """{name: function returning that tensor} of a Hugging Face directory: model.safetensors, the shards listed
-    in model.safetensors.index.json, or pytorch_model.bin. A tensor is read when its function is called."""
-    st, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(st):
-        return _safetensors_readers(st)
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        readers = [_safetensors_readers(os.path.join(path, shard)) for shard in shards]
-        return {name: read for shard in readers for name, read in shard.items()}
-    pt = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(pt):  # the older format: one pickle, read whole
-        return {name: (lambda t=t: t) for name, t in torch.load(pt, map_location="cpu", weights_only=True).items()}
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def _safetensors_readers(file):
-    """{name: function reading that tensor} of one .safetensors file. The format: 8 bytes (little-endian) with the
-    header's size, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Plain reads into
-    the tensor's own memory, not a memory map: mapped pages count as the process's memory while it is open."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-
-    def read(info):
-        t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        with open(file, "rb") as f:
-            f.seek(8 + n + begin)
-            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
-                raise ValueError(f"{file}: truncated")
-        return t
-    return {name: (lambda info=info: read(info)) for name, info in header.items()}
+        """Export to a Hugging Face directory as the architecture hf_architecture names; see _hf_save."""
+        _hf_save(self, path)
 
 
 # -----------------------------------------------------------------------------
@@ -1224,7 +945,330 @@ def load_model(init_from, map_location="cpu", _adapters=()):
 
 
 # -----------------------------------------------------------------------------
-# Optimizer, schedule, and what every training loop needs
+# Hugging Face import and export: the code behind GPT.from_pretrained and GPT.save_pretrained
+
+
+def _hf_load(cls, path):
+    """Load a Hugging Face directory (config.json + model.safetensors, its shards, or pytorch_model.bin) in
+    fp32: GPT-2 into the gpt2 family; Llama (Llama 2/3, SmolLM, TinyLlama), Qwen2, Qwen3, Mistral, Phi-3,
+    Gemma 2 and Gemma 3 (text) into the modern family with their switches (HF_ARCHITECTURES).
+
+    Every tensor in the files must land in the model: a Qwen3 directory relabelled llama would otherwise
+    load without its q/k norms and give wrong logits, silently. The model is built on the meta device
+    (shapes, no memory), given uninitialised fp32 tensors (to_empty) and each is filled from the file,
+    read one tensor at a time, so loading holds one copy of the weights plus one tensor: no random init
+    to overwrite, no second copy of the file. block_size is the checkpoint's whole context; nothing is
+    allocated for it up front (see KVCache, attention_mask, GPT.rope).
+    """
+    where = os.path.join(path, "config.json")
+    with open(where) as f:
+        hf = json.load(f)
+    config = _hf_config(hf, where)
+    kind = config.hf_model_type
+    theirs = _read_hf_weights(path)  # {name: function reading that tensor}
+    if kind == "gpt2":  # GPT2LMHeadModel's names start with transformer., GPT2Model's do not
+        theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
+    table = _hf_name_table(config, kind, config.intermediate_size)
+    wanted = {name for _, parts, _ in table for name, _ in parts}
+    missing = sorted(wanted - theirs.keys())
+    unread = sorted(n for n in theirs.keys() - wanted - {"lm_head.weight"} if not n.endswith(_NOT_WEIGHTS))
+    if missing:
+        raise ValueError(f"{path}: weight {missing[0]!r} missing from the checkpoint")
+    if unread:
+        raise ValueError(f"{path}: {len(unread)} tensors this loader would not read as model_type {kind!r}, "
+                         f"e.g. {', '.join(unread[:3])}: config.json describes another architecture")
+    with torch.device("meta"):  # shapes only: no random weights drawn to be thrown away
+        model = cls(config)
+    model.to_empty(device="cpu")  # uninitialised fp32 tensors, each filled below
+    if config.tie_embeddings:  # to_empty made lm_head a tensor of its own: share tok_emb's again
+        model.lm_head.weight = model.tok_emb.weight
+    params = model.state_dict()
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    unfilled = params.keys() - {ours for ours, _, _ in table} - tied
+    if unfilled:  # the name table and the model disagree: a bug here, not in the checkpoint
+        raise RuntimeError(f"no Hugging Face tensor for {sorted(unfilled)[:3]}")
+    with torch.no_grad():
+        for ours, parts, transposed in table:
+            pieces = params[ours].split([rows for _, rows in parts]) if len(parts) > 1 else [params[ours]]
+            for (name, _), piece in zip(parts, pieces):  # q, k, v (gate, up) into their rows of ours
+                w = theirs.pop(name)()                   # read now, in the file's dtype: one at a time
+                w = w.t() if transposed else w
+                if w.shape != piece.shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, "
+                                     f"config.json says {tuple(piece.shape)}")
+                piece.copy_(w)                           # into the fp32 parameter: the stages train it
+        if config.tie_embeddings and "lm_head.weight" in theirs:  # a tied matrix some files store twice
+            if not torch.equal(theirs.pop("lm_head.weight")().float(), params["tok_emb.weight"]):
+                raise ValueError(f"{where}: tie_word_embeddings, but lm_head.weight differs from embed_tokens")
+    return model
+
+
+def _hf_architecture(c):
+    """The Hugging Face model_type save_pretrained writes, or None where no format holds this model: gpt2
+    for the gpt2 family with tied embeddings and no GQA; for the modern family the row of HF_ARCHITECTURES
+    it was loaded from, else the first row whose switches are exactly the ones it has on."""
+    if c.score_head:
+        return None
+    on = c.switches()
+    if c.pos_emb == "learned":
+        gpt2 = (c.norm, c.mlp, c.bias, c.tie_embeddings, c.n_kv_head, c.head_dim * c.n_head) == \
+            ("layernorm", "gelu", True, True, c.n_head, c.n_embd)
+        return "gpt2" if gpt2 and not on else None
+    if (c.norm, c.bias) != ("rmsnorm", False) or c.mlp not in ("swiglu", "geglu"):
+        return None
+    for kind in [c.hf_model_type, *HF_ARCHITECTURES]:
+        if kind in HF_ARCHITECTURES:
+            _, always, optional = HF_ARCHITECTURES[kind]
+            if set(always) <= on <= set(always) | set(optional):
+                return kind
+    return None
+
+
+def _hf_save(model, path):
+    """Export to a Hugging Face directory as the architecture hf_architecture names, the reverse of
+    from_pretrained: config.json (with the context length and the bos/eos/pad ids the model was loaded
+    with), generation_config.json (bos/eos, so that transformers' generate stops at EOS), and
+    model.safetensors (pytorch_model.bin when the optional safetensors package is missing)."""
+    c, kind = model.config, model.hf_architecture()
+    if kind is None:
+        raise ValueError("no Hugging Face format holds this model: the gpt2 family exports with tied embeddings "
+                         "and no GQA, the modern family when its switches are one row's of HF_ARCHITECTURES, "
+                         "neither with a score head")
+    I = model.blocks[0].mlp.proj.in_features
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf_sd = {}
+    prefix = "transformer." if kind == "gpt2" else ""
+    for ours, parts, transposed in _hf_name_table(c, kind, I):
+        w = sd[ours].t() if transposed else sd[ours]
+        pieces = w.split([rows for _, rows in parts]) if len(parts) > 1 else [w]  # q|k|v, gate|up apart again
+        hf_sd.update({prefix + name: piece for (name, _), piece in zip(parts, pieces)})
+    if kind == "gpt2":
+        hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
+    ids = {k: c.special_ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if kind == "gpt2" and not c.special_ids and c.vocab_size > 50256:  # <|endoftext|>: begin and end of text
+        ids.update(bos_token_id=50256, eos_token_id=50256)
+    hf_config = {**_hf_config_json(c, kind, I), **ids}
+    hf_sd = {k: v.contiguous().clone() for k, v in hf_sd.items()}  # safetensors stores no shared tensors
+    files = {"config.json": hf_config}
+    if ids["bos_token_id"] is not None or ids["eos_token_id"] is not None:
+        files["generation_config.json"] = {k: v for k, v in ids.items() if v is not None}
+    os.makedirs(path, exist_ok=True)
+    for name, d in files.items():
+        atomic_write(os.path.join(path, name), lambda f, d=d: f.write(json.dumps(d, indent=2).encode()))
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        atomic_write(os.path.join(path, "pytorch_model.bin"), lambda f: torch.save(hf_sd, f))
+    else:
+        atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(save(hf_sd, {"format": "pt"})))
+
+
+def _hf_config(hf, where):
+    """The GPTConfig of a Hugging Face config.json (hf, read from where). What this decoder does not compute as
+    transformers does is refused with a ValueError naming config.json's field."""
+    kind = hf.get("model_type", "gpt2")
+    special = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+
+    def refuse(name, why):
+        raise ValueError(f"{where}: {name} = {json.dumps(hf[name])} {why}")
+
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            refuse("activation_function", "is not GPT-2's tanh GELU")
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], intermediate_size=hf.get("n_inner") or 0,
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), hf_model_type=kind, special_ids=special,
+                         **FAMILIES["gpt2"])
+    if kind == "gemma3":
+        refuse("model_type", "is Gemma 3's image-text model (vision_config); load a text-only checkpoint "
+                             "(Gemma3ForCausalLM, model_type gemma3_text, e.g. gemma-3-1b-it)")
+    if kind not in HF_ARCHITECTURES:
+        refuse("model_type", f"does not load: only gpt2, {', '.join(HF_ARCHITECTURES)}")
+    gemma = kind.startswith("gemma")
+    act_field, act = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
+    if hf.get(act_field, act) != act:
+        refuse(act_field, f"is not supported by this loader ({act} only)")
+    for name in ("attention_bias", "mlp_bias", "use_sliding_window", "num_experts", "use_bidirectional_attention"):
+        if hf.get(name):
+            refuse(name, "is not supported by this loader")
+    if kind == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        refuse("attn_logit_softcapping", "is ignored by transformers' Gemma 3, so this loader refuses it")
+
+    # RoPE: transformers 5 writes rope_parameters (Gemma 3: one per layer type); older files rope_theta,
+    # rope_scaling, and for Gemma 3 rope_local_base_freq
+    rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope, local = hf.get(rope_field) or {}, {}
+    if "full_attention" in rope:
+        rope, local = rope["full_attention"] or {}, rope.get("sliding_attention") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    allowed = {"llama": ("default", "llama3"), "gemma3_text": ("default", "linear")}.get(kind, ("default",))
+    if rope_type not in allowed or local.get("rope_type", "default") != "default":  # e.g. Phi-3 128k's longrope (su)
+        raise ValueError(f"{where}: {rope_field} of type {rope_type!r} is not supported for {kind} by this loader "
+                         f"({' or '.join(allowed)})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor = {partial} is not supported by this loader (RoPE on "
+                         f"the whole head only)")
+    llama3 = tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                     "original_max_position_embeddings")) if rope_type == "llama3" else ()
+
+    # which layers slide: Mistral and Phi-3 all (when sliding_window is set), Gemma all but every n-th
+    L = hf["num_hidden_layers"]
+    window = (hf.get("sliding_window") or 0) if gemma or kind in ("mistral", "phi3") else 0
+    if gemma:
+        n = hf.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)  # what transformers assumes without it
+        types = hf.get("layer_types") or ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
+                                          for i in range(L)]
+    else:
+        types = ["sliding_attention" if window else "full_attention"] * L
+    slides = [t == "sliding_attention" for t in types]
+    every = 0 if all(slides) else slides.index(False) + 1
+    if set(types) - {"sliding_attention", "full_attention"} or slides != [not every or (i + 1) % every != 0
+                                                                        for i in range(L)]:
+        refuse("layer_types", "is not supported by this loader (a sliding window on all layers, or all but every n-th)")
+    if not any(slides):
+        window = every = 0
+
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"], n_layer=L,
+                     n_head=H, n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
+                     head_dim=hf.get("head_dim") or C // H, intermediate_size=hf["intermediate_size"],
+                     norm_eps=hf.get("rms_norm_eps", 1e-6),
+                     rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "gemma3_text" else 1e4)),
+                     tie_embeddings=hf.get("tie_word_embeddings", gemma), qkv_bias=kind == "qwen2", rope_llama3=llama3,
+                     qk_norm=kind in ("qwen3", "gemma3_text"), sliding_window=window, global_every=every,
+                     rope_local_theta=local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+                     if kind == "gemma3_text" else 0.0,
+                     rope_linear=rope.get("factor", 1.0) if rope_type == "linear" else 1.0,
+                     query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else 0.0,
+                     attn_softcap=(hf.get("attn_logit_softcapping") or 0.0) if gemma else 0.0,
+                     final_softcap=(hf.get("final_logit_softcapping") or 0.0) if gemma else 0.0,
+                     norm_plus_one=gemma, sandwich_norm=gemma, embed_scale=gemma, hf_model_type=kind,
+                     special_ids=special, **{**FAMILIES["modern"], "mlp": "geglu" if gemma else "swiglu"})
+
+
+def _hf_config_json(c, kind, I):
+    """config.json's architecture fields for config c exported as kind (I: the MLP's hidden width)."""
+    if kind == "gpt2":
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                    n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                    n_inner=I if I != 4 * c.n_embd else None, activation_function="gelu_new",
+                    layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                    tie_word_embeddings=True)
+    hf = dict(architectures=[HF_ARCHITECTURES[kind][0]], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.n_embd,
+              intermediate_size=I, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+              attention_bias=False, torch_dtype="float32")
+    if kind.startswith("gemma"):
+        # every field written, None where off: transformers' defaults (softcaps 50 and 30, window 4096) are not ours
+        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+                  sliding_window=c.sliding_window or c.block_size,  # no layer slides when 0: any value
+                  layer_types=["sliding_attention" if c.slides(i) else "full_attention" for i in range(c.n_layer)],
+                  attn_logit_softcapping=c.attn_softcap or None, final_logit_softcapping=c.final_softcap or None)
+    else:
+        hf["hidden_act"] = "silu"
+    if kind in ("mistral", "phi3"):
+        hf["sliding_window"] = c.sliding_window or None
+    if kind == "gemma3_text":
+        hf.update(rope_local_base_freq=c.rope_local_theta or c.rope_theta,
+                  rope_scaling=dict(rope_type="linear", factor=c.rope_linear) if c.rope_linear != 1 else None)
+    if c.rope_llama3:
+        hf["rope_scaling"] = dict(zip(("factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"), c.rope_llama3), rope_type="llama3")
+    return hf
+
+
+def _hf_name_table(c, kind, I):
+    """(our name, [(Hugging Face name, rows)], transposed?) for every weight of config c as model_type kind, I
+    its MLP width. Where one of ours stacks several of theirs along dim 0 (q, k and v; gate and up), rows says
+    how many each holds. GPT-2 stores its projections as Conv1D with weight (in, out); nn.Linear keeps (out, in).
+    HF's names: Llama's post_attention_layernorm is the norm before the MLP, Gemma's the one after attention."""
+    if kind == "gpt2":
+        table = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
+                 ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
+        for i in range(c.n_layer):
+            for ours, theirs, is_conv in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                          ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                                          ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]:
+                table.append((f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", is_conv))
+                table.append((f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False))
+        return [(ours, [(theirs, None)], transposed) for ours, theirs, transposed in table]
+    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+    gemma = kind.startswith("gemma")
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+    if not c.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    table = []
+    for i in range(c.n_layer):
+        a, o = f"model.layers.{i}.", f"blocks.{i}."
+        names.update({o + "ln1.weight": a + "input_layernorm.weight",
+                      o + "attn.proj.weight": a + "self_attn.o_proj.weight",
+                      o + "ln2.weight": a + ("pre_feedforward" if gemma else "post_attention") + "_layernorm.weight",
+                      o + "mlp.proj.weight": a + "mlp.down_proj.weight"})
+        if gemma:
+            names.update({o + "ln1_post.weight": a + "post_attention_layernorm.weight",
+                          o + "ln2_post.weight": a + "post_feedforward_layernorm.weight"})
+        if c.qk_norm:
+            names.update({o + "attn.q_norm.weight": a + "self_attn.q_norm.weight",
+                          o + "attn.k_norm.weight": a + "self_attn.k_norm.weight"})
+        if kind == "phi3":  # fused on disk as ours are
+            names.update({o + "attn.qkv.weight": a + "self_attn.qkv_proj.weight",
+                          o + "mlp.fc.weight": a + "mlp.gate_up_proj.weight"})
+            continue
+        for p in ("weight", "bias") if c.qkv_bias else ("weight",):
+            qkv = [(a + f"self_attn.{x}_proj.{p}", rows) for x, rows in zip("qkv", (H * D, Hkv * D, Hkv * D))]
+            table.append((o + f"attn.qkv.{p}", qkv, False))
+        table.append((o + "mlp.fc.weight", [(a + "mlp.gate_proj.weight", I), (a + "mlp.up_proj.weight", I)], False))
+    return [(ours, [(theirs, None)], False) for ours, theirs in names.items()] + table
+
+
+# buffers that older files carry and no model needs: GPT-2's causal mask, Llama's RoPE frequencies
+_NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _read_hf_weights(path):
+    """{name: function returning that tensor} of a Hugging Face directory: model.safetensors, the shards listed
+    in model.safetensors.index.json, or pytorch_model.bin. A tensor is read when its function is called."""
+    st, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(st):
+        return _safetensors_readers(st)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        readers = [_safetensors_readers(os.path.join(path, shard)) for shard in shards]
+        return {name: read for shard in readers for name, read in shard.items()}
+    pt = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(pt):  # the older format: one pickle, read whole
+        return {name: (lambda t=t: t) for name, t in torch.load(pt, map_location="cpu", weights_only=True).items()}
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _safetensors_readers(file):
+    """{name: function reading that tensor} of one .safetensors file. The format: 8 bytes (little-endian) with the
+    header's size, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Plain reads into
+    the tensor's own memory, not a memory map: mapped pages count as the process's memory while it is open."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+
+    def read(info):
+        t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        with open(file, "rb") as f:
+            f.seek(8 + n + begin)
+            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{file}: truncated")
+        return t
+    return {name: (lambda info=info: read(info)) for name, info in header.items()}
+
+
+# -----------------------------------------------------------------------------
+# Training runtime: optimizer, schedule, and what every training loop needs
 
 
 def get_lr(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):

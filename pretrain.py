@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import data
 from model import FAMILIES, GPT, GPTConfig, GracefulStop, append_jsonl, check_finite, claim_out_dir, \
-    configure_optimizer, get_lr, in_range, load_checkpoint, load_model, optimizer_step, peak_flops, positive_int, \
+    configure_optimizer, get_lr, in_range, load_checkpoint, load_model, peak_flops, positive_int, \
     restore_training_state, resume_args, save_checkpoint, set_rng_state, setup_runtime, training_state
 
 
@@ -172,6 +172,7 @@ def main(argv=None):
 
     # ---- optimizer and schedule ---------------------------------------------------------------
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=rt.device.type)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what the update changes
     step = 0
     if ckpt is not None:  # everything that decides the next step: weights, moments, RNGs, data position
         step = restore_training_state(ckpt, optimizer, rt.scaler, train)
@@ -241,7 +242,10 @@ def main(argv=None):
             if last:
                 break
 
+            # the update: set this step's learning rate, then forward and backward grad_accum micro-batches
             lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             loss_sum = torch.zeros((), device=rt.device)
             for micro, (x, y) in enumerate(train.next(args.grad_accum, rt.rank, rt.world_size)):
                 # DDP averages gradients across processes during backward; doing that on every
@@ -249,14 +253,20 @@ def main(argv=None):
                 sync = micro == args.grad_accum - 1
                 with model.no_sync() if rt.ddp and not sync else nullcontext():
                     with rt.autocast():  # the forward pass only: PyTorch advises backward outside autocast
-                        _, loss = model(x, y)
-                    # the gradient of a mean over all micro-batches: divide each one's loss
+                        logits, loss = model(x, y)  # (B, T) -> (B, T, V), and the mean cross-entropy over B*T
+                    # the gradient of a mean over all micro-batches: divide each one's loss (the scaler
+                    # multiplies it by the fp16 loss scale first, so small gradients do not underflow)
                     rt.scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
-            grad_norm = optimizer_step(optimizer, rt.scaler, lr, args.grad_clip)
+            rt.scaler.unscale_(optimizer)  # fp16: divide the loss scale back out before measuring the gradients
+            # clip the global gradient norm to --grad-clip; with 0 the max is inf: the norm is measured, nothing clipped
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            rt.scaler.step(optimizer)  # AdamW's step; fp16: skipped when a gradient is inf or NaN
+            rt.scaler.update()         # fp16: lower the loss scale after a skipped step, raise it after many good ones
+            optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
             if rt.ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss = loss_sum.item() / args.grad_accum
+            train_loss, grad_norm = loss_sum.item() / args.grad_accum, grad_norm.item()
             check_finite(train_loss, step, ckpt_path)
             step += 1
             metrics["train/loss"] = train_loss
