@@ -14,6 +14,7 @@ prepare.py). In the order a stage uses it:
                  and DPO; prompts alone for PPO; left-padded prompts and right-padded responses
   batches        random windows of a token stream (pretraining), padded examples (SFT)
   the tiny world the capitals evaluation of data/world: greedy replies scored right, declined or wrong
+                 (generate_replies), and a reward model's scores of replies (score_answers)
 """
 
 import base64
@@ -33,7 +34,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from model import IGNORE_INDEX, atomic_write, load_checkpoint
+from model import IGNORE_INDEX, atomic_write, last_token, load_checkpoint
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EOT = "<|endoftext|>"
@@ -1476,6 +1477,16 @@ def fit_to_length(ids, labels, max_len, policy="truncate"):
     return None, None, "dropped"
 
 
+def fit_pair(prompt, chosen, rejected, max_len):
+    """A preference pair's token ids fitted to max_len tokens: the prompt cut from the left so that prompt
+    + the longer response fits (the end of the prompt, the question, matters most); None when a
+    response alone does not fit. Returns (prompt, chosen, rejected)."""
+    room = max_len - max(len(chosen), len(rejected))
+    if room < 1:
+        return None
+    return prompt[-room:], chosen, rejected
+
+
 def pad_batch(examples, pad_id):
     """Right-pad (ids, labels) pairs into x, y tensors (B, T): y is labels shifted left by one, so
     y[t] is the token that should follow x[t]; padding gets IGNORE_INDEX and adds nothing to the loss."""
@@ -1854,11 +1865,11 @@ def _share(flags):
     return sum(flags) / len(flags) if flags else None
 
 
-def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature=0.0,
-                     generator=None):
+def generate_reply_ids(model, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature=0.0,
+                       generator=None):
     """Continuations of token prompts, batch_size per generate call, greedy (temperature 0) or sampled
-    (with generator: the same generator state, the same replies): (text before stop, whether stop came
-    within max_new_tokens) for each prompt, in order."""
+    (with generator: the same generator state, the same replies): (the token ids before stop, whether
+    stop came within max_new_tokens) for each prompt, in order."""
     replies = []
     for i in range(0, len(prompts), batch_size):
         idx, pad_mask = left_pad(prompts[i:i + batch_size], stop)  # (B, Tp); any pad id, the mask hides it
@@ -1867,8 +1878,38 @@ def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, ma
                                  pad_mask=pad_mask.to(device), generator=generator)  # (B, Tp + new)
         for row in out[:, idx.size(1):].tolist():
             n = row.index(stop) if stop in row else len(row)
-            replies.append((decode(enc, row[:n]), n < len(row)))
+            replies.append((row[:n], n < len(row)))
     return replies
+
+
+def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature=0.0,
+                     generator=None):
+    """generate_reply_ids' replies as text: (the text before stop, whether stop came) for each prompt."""
+    return [(decode(enc, ids), stopped) for ids, stopped in generate_reply_ids(
+        model, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature, generator)]
+
+
+def score_sequences(model, rows, pad_id, device):
+    """A reward model's scores of (prompt_ids, response_ids) rows: the score head at each row's last real
+    token, (N,). One forward pass for all rows, right-padded (causal attention never sees the padding)."""
+    ids, pad_mask, _ = pad_responses(rows, pad_id)                         # (N, T) each
+    return last_token(model.scores(ids.to(device)), pad_mask.to(device))  # (N, T) -> (N,)
+
+
+def score_answers(model, prompts, answers, enc, rt, batch_size=128):
+    """A reward model's scores (N,), fp32, of answer texts to prompt token lists: each answer ends with
+    <|end|> as in training, each prompt is cut to fit (fit_pair), batch_size rows per forward pass.
+    rt: model.setup_runtime's device and autocast."""
+    end, rows = end_of_turn(enc), []
+    for p, a in zip(prompts, answers):
+        fit = fit_pair(p, encode(enc, a) + [end], [], model.config.block_size)
+        if fit is None:
+            raise ValueError(f"an answer of {len(encode(enc, a)) + 1} tokens does not fit the reward model's "
+                             f"context of {model.config.block_size}: {a[:40]!r}...")
+        rows.append(fit[:2])
+    with torch.no_grad(), rt.autocast():
+        return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
+                          for i in range(0, len(rows), batch_size)])
 
 
 def _world_prompts(enc, world, chat):

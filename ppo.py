@@ -582,8 +582,8 @@ def main(argv=None, reward_fn=None):
         log(f"world: {data.format_world_metrics(scores)}")
         append_jsonl(log_path, {"step": step, **{f"world/{k}": v for k, v in scores.items() if isinstance(v, float)}})
         result["world"] = scores
-    log(f"checkpoint: {ckpt_path}\nagainst SFT: python reward.py compare --model {args.reward_model} --a {args.out} "
-        f"--b {args.policy}")
+    log(f"checkpoint: {ckpt_path}\nagainst SFT: python sample.py --judge {args.reward_model} --init-from {args.out} "
+        f"--compare {args.policy}")
     return result
 
 

@@ -22,10 +22,10 @@ The guide's alignment stage, steps 1 and 2 of RLHF (InstructGPT, Ouyang et al. 2
      with all comparisons of one prompt in the same batch, each answer scored once (K forward rows,
      not 2·C(K,2)): a prompt's comparisons share answers, and as separate examples they overfit.
 
-PPO (ppo.py) then optimises the policy against r; `best-of-n` uses r to pick among samples, `compare`
-to judge two models. Iterated RLHF (Llama 2 §3.2.2; Bai et al. 2022): collect again on the new policy
-and train on the union: `python reward.py --collect-from out/ppo --data out/reward/feedback.jsonl
---out out/reward2`.
+PPO (ppo.py) then optimises the policy against r; sample.py --judge uses r to score answers, to pick
+among samples (--best-of-n) and to judge two models (--compare). Iterated RLHF (Llama 2 §3.2.2; Bai et
+al. 2022): collect again on the new policy and train on the union: `python reward.py --collect-from
+out/ppo --data out/reward/feedback.jsonl --out out/reward2`.
 
 Departures from InstructGPT: ties give no comparison, so a prompt's loss is the mean over the
 comparisons it has (C(K,2) without ties); the score head starts from std 1/√(C+1) (Huang et al. 2024);
@@ -39,15 +39,12 @@ Reads:  --init-from an SFT (or pretrained) checkpoint, default out/sft; --collec
         (default the world's); --data preference files to train on as well (prompt/chosen/rejected, with
         an optional group; HH-RLHF transcripts or OpenAI's format).
 Writes: OUT/feedback.jsonl (collected comparisons), OUT/ckpt.pt (a scoring model: model_config.score_head
-        is set), OUT/adapter.pt (LoRA runs), OUT/log.jsonl; best-of-n writes MODEL/best_of_n.json.
+        is set), OUT/adapter.pt (LoRA runs), OUT/log.jsonl.
 
   python reward.py                                             # collect on out/sft's answers, train
   python reward.py --data data/world/prefs.jsonl --out out/reward_offpolicy   # hand-written pairs only
   python reward.py --collect-from out/ppo --data out/reward/feedback.jsonl --out out/reward2   # round 2
   python reward.py --label-noise 0.25                          # annotators who disagree a quarter of the time
-  python reward.py best-of-n --model out/reward --policy out/sft --n 16
-  python reward.py score --model out/reward --prompt "What is the capital of France?" --response "Paris."
-  python reward.py compare --model out/reward --a out/dpo --b out/sft   # win rate of A over B
   python reward.py --max-steps 10 --eval-every 5 --device cpu  # seconds
 """
 
@@ -55,7 +52,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import os
 import random
 import sys
@@ -69,8 +65,8 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, prepare_to_train
 from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, get_lr, \
-    in_range, last_token, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, \
-    resume_args, save_stage, set_rng_state, setup_runtime, training_state
+    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
+    save_stage, set_rng_state, setup_runtime, training_state
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0, group=None):
@@ -97,37 +93,6 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef
     if center_coef > 0:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).mean()
     return loss
-
-
-def score_sequences(model, rows, pad_id, device):
-    """Scores of (prompt_ids, response_ids) rows: the score head at each row's last real token, (N,).
-    One forward pass for all rows, right-padded (causal attention never sees the padding)."""
-    ids, pad_mask, _ = data.pad_responses(rows, pad_id)                    # (N, T) each
-    return last_token(model.scores(ids.to(device)), pad_mask.to(device))  # (N, T) -> (N,)
-
-
-def fit_pair(prompt, chosen, rejected, max_len):
-    """Cut the prompt from the left so that prompt + the longer response fits max_len tokens (the SFT
-    policy); None when a response alone does not fit."""
-    room = max_len - max(len(chosen), len(rejected))
-    if room < 1:
-        return None
-    return prompt[-room:], chosen, rejected
-
-
-def score_answers(model, prompts, answers, enc, rt, batch_size=128):
-    """Scores (N,), fp32, of answer texts to prompt token lists: each answer ends with <|end|> as in
-    training, each prompt is cut to fit (fit_pair), batch_size rows per forward pass."""
-    end, rows = data.end_of_turn(enc), []
-    for p, a in zip(prompts, answers):
-        fit = fit_pair(p, data.encode(enc, a) + [end], [], model.config.block_size)
-        if fit is None:
-            raise ValueError(f"an answer of {len(data.encode(enc, a)) + 1} tokens does not fit the reward model's "
-                             f"context of {model.config.block_size}: {a[:40]!r}...")
-        rows.append(fit[:2])
-    with torch.no_grad(), rt.autocast():
-        return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
-                          for i in range(0, len(rows), batch_size)])
 
 
 # -----------------------------------------------------------------------------
@@ -301,9 +266,6 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("score", "compare", "best-of-n"):
-        return judge(argv)
     args = get_args(argv)
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)
 
@@ -372,7 +334,7 @@ def main(argv=None):
         read += counts["read"]
         for i, pair in enumerate(pairs):
             ids = data.render_pair(enc, pair)
-            fitted = fit_pair(*ids, model.config.block_size)
+            fitted = data.fit_pair(*ids, model.config.block_size)
             n_cut += fitted is not None and len(fitted[0]) < len(ids[0])
             n_dropped += fitted is None
             if fitted is not None:
@@ -408,7 +370,7 @@ def main(argv=None):
         """(r_w, r_l, group, kinds) of every comparison of a batch of prompts: each distinct answer is
         one row of one forward pass, and a comparison reads its two answers' scores."""
         rows = [(g["prompt"], a) for g in batch for a in g["answers"]]
-        scores = score_sequences(model, rows, pad, rt.device).float()           # (N,) one per answer
+        scores = data.score_sequences(model, rows, pad, rt.device).float()      # (N,) one per answer
         winners, losers, group, kinds, first = [], [], [], [], 0
         for i, g in enumerate(batch):
             for w, l, kind in g["comparisons"]:
@@ -518,7 +480,7 @@ def main(argv=None):
         replies = data.generate_replies(policy, enc, prompts, data.end_of_turn(enc), rt.device, rt.autocast,
                                         64, args.max_new_tokens, args.temperature, generator)
         model.eval()
-        scores = score_answers(model, prompts, [text.strip() for text, _ in replies], enc, rt)
+        scores = data.score_answers(model, prompts, [text.strip() for text, _ in replies], enc, rt)
         offset, scale = scores.mean().item(), max(scores.std().item(), 1e-3)
         with torch.no_grad():  # r' = (r − μ)/σ: the head's w/σ and (b − μ)/σ; every comparison keeps its sign
             model.score_head.bias.sub_(offset).div_(scale)
@@ -527,200 +489,9 @@ def main(argv=None):
             f"scored {offset:+.3f} ± {scale:.3f}; the head is rescaled so that they score 0 ± 1")
     checkpoint(offset, scale)
     log(f"done: step {step}, held-out accuracy {metrics['rm/accuracy']:.1%}\ncheckpoint: {ckpt_path}\n"
-        f"best-of-n with it: python reward.py best-of-n --model {args.out} --policy {args.init_from}\n"
-        f"judge two models with it: python reward.py compare --model {args.out} --a MODEL_A --b MODEL_B")
+        f"best-of-n with it: python sample.py --judge {args.out} --init-from {args.init_from} --best-of-n 16\n"
+        f"judge two models with it: python sample.py --judge {args.out} --init-from MODEL_A --compare MODEL_B")
     return {"step": step, "reward_offset": offset, "reward_scale": scale, **metrics}
-
-
-def generate_answers(model, enc, prompts, rt, max_new_tokens=32, batch_size=64):
-    """Greedy replies (token ids, each ending with <|end|> if it came) to prompt token lists, batched."""
-    end, answers = data.end_of_turn(enc), []
-    for i in range(0, len(prompts), batch_size):
-        idx, pad_mask = data.left_pad(prompts[i:i + batch_size], end)
-        with torch.no_grad(), rt.autocast():
-            out = model.generate(idx.to(rt.device), max_new_tokens, temperature=0, stop_token=end,
-                                 pad_mask=pad_mask.to(rt.device))
-        for row in out[:, idx.size(1):].tolist():
-            answers.append(row[:row.index(end) + 1] if end in row else row)
-    return answers
-
-
-# -----------------------------------------------------------------------------
-# The reward model as a judge: score responses, and compare two models
-
-
-def best_of_n(scores, values, n):
-    """Best-of-n selection, estimated from N samples per question with all of them used: the N samples
-    are cut into N // n disjoint sets of n, and each set keeps the sample the reward model scores highest
-    (the first on a tie). scores, values (Q, N): the reward model's scores and what is reported of the
-    picks (the scores themselves for the proxy, the annotator's grades for the gold). Returns (Q, N // n)."""
-    Q, N = scores.shape
-    sets = N // n
-    s, v = scores[:, :sets * n].view(Q, sets, n), values[:, :sets * n].view(Q, sets, n)  # (Q, N//n, n)
-    return v.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1)                          # (Q, N//n)
-
-
-def best_of_n_report(args, rm, ckpt, enc, rt):
-    """The world's held-out questions (real and invented countries, the training phrasing and the unseen
-    ones; or the --prompts given, written to best_of_n_train.json), N samples each from --policy; for
-    n = 1, 2, 4, ..., N the reward model's pick: its score (proxy), the annotator's grade (gold), the share
-    of real countries answered right and of invented ones declined; the oracle's pick (the best grade of
-    n); and the share of two differently graded samples of one question that the reward model orders as
-    the annotator does."""
-    world = data.load_world(args.world)
-    annotate = data.world_annotator(world)
-    unseen = world.get("unseen_questions", [])
-    if args.prompts:
-        questions = data.read_prompts(args.prompts)
-    else:
-        asked = [(c, "What is the capital of {F}?") for c in world["heldout"] + world["invented"]]
-        asked += [(c, unseen[i % len(unseen)]) for i, c in enumerate(world["heldout"] + world["invented"]) if unseen]
-        questions = [[{"role": "user", "content": q.format(F=c)}] for c, q in asked]
-    is_real = torch.tensor([bool(data.names_capitals(q[-1]["content"], world["capital_of"])) for q in questions])
-    policy, pckpt = load_model(args.policy)
-    if data.checkpoint_tokenizer(pckpt) != data.checkpoint_tokenizer(ckpt):
-        raise ValueError(f"{args.policy} uses another tokenizer than the reward model {args.model}")
-    policy.to(rt.device).eval()
-    end = data.end_of_turn(enc)
-    prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
-    generator = torch.Generator(device=rt.device).manual_seed(args.seed)
-    repeated = [p for p in prompt_ids for _ in range(args.n)]                 # N samples of each question
-    replies = data.generate_replies(policy, enc, repeated, end, rt.device, rt.autocast, 256, args.max_new_tokens,
-                                    args.temperature, generator)
-    texts = [text.strip() for text, _ in replies]
-    scores = score_answers(rm, repeated, texts, enc, rt).cpu().view(len(questions), args.n)  # (Q, N)
-    grades = torch.tensor([float(g) for i, q in enumerate(questions)
-                           for g in annotate(q, texts[i * args.n:(i + 1) * args.n])]).view(len(questions), args.n)
-    good = (grades > 0).float()  # right capital, or a refusal of a country that does not exist
-    result = {"policy": args.policy, "model": args.model, "n_questions": len(questions), "N": args.n, "curve": []}
-    n = 1
-    while n <= args.n:
-        picked_good = best_of_n(scores, good, n)
-        result["curve"].append({
-            "n": n, "proxy": best_of_n(scores, scores, n).mean().item(), "gold": best_of_n(scores, grades, n).mean().item(),
-            "right_real": picked_good[is_real].mean().item(), "declined_invented": picked_good[~is_real].mean().item(),
-            "oracle_gold": best_of_n(grades, grades, n).mean().item()})
-        n *= 2
-    # pairwise agreement with the annotator on the held-out samples, over pairs whose grades differ
-    agree, total = 0, 0
-    for s, g in zip(scores, grades):
-        differ = g[:, None] > g[None, :]                                # (N, N) i graded above j
-        agree += (differ & (s[:, None] > s[None, :])).sum().item()
-        total += differ.sum().item()
-    result["heldout_accuracy"] = agree / total if total else float("nan")
-    out = args.out or os.path.join(args.model, "best_of_n_train.json" if args.prompts else "best_of_n.json")
-    atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"best-of-n: {args.policy}'s answers to {len(questions)} {'prompts of ' + args.prompts if args.prompts else 'held-out questions'}, "
-          f"picked by {args.model}")
-    print("   n |  proxy |  gold | right (real) | declined (invented) | oracle gold")
-    for r in result["curve"]:
-        print(f"{r['n']:4d} | {r['proxy']:6.2f} | {r['gold']:.3f} | {r['right_real']:12.1%} | "
-              f"{r['declined_invented']:19.1%} | {r['oracle_gold']:.3f}")
-    print(f"the reward model orders {result['heldout_accuracy']:.1%} of {total:,} differently graded sample pairs as "
-          f"the annotator does; wrote {out}")
-    return result
-
-
-def get_judge_args(argv):
-    p = argparse.ArgumentParser(prog="reward.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="score responses with a reward model, or compare two models with it")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="score prompt/response records (or one --prompt/--response)")
-    s.add_argument("--data", default="", help=".jsonl of {prompt, response} records ('' = use --prompt/--response)")
-    s.add_argument("--out", default="", help="scores .jsonl to write ('' = DATA with .scores.jsonl)")
-    s.add_argument("--prompt", default="", help="one prompt (a user turn)")
-    s.add_argument("--response", default="", help="the response to it")
-    c = sub.add_parser("compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="win rate of model A over model B, judged by the reward model")
-    c.add_argument("--a", required=True, help="checkpoint A (e.g. out/dpo)")
-    c.add_argument("--b", required=True, help="checkpoint B (e.g. out/sft)")
-    c.add_argument("--prompts", default="", help="prompts .jsonl (any read_prompts format; '' = the world's held-out questions)")
-    c.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per answer")
-    b = sub.add_parser("best-of-n", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="sample N answers per held-out question, keep the reward model's favourite, check the truth")
-    b.add_argument("--policy", default="out/sft", help="the policy that samples the answers")
-    b.add_argument("--world", default=os.path.join(data.DATA_DIR, "world"), help="the world whose held-out questions are asked")
-    b.add_argument("--prompts", default="", help="ask these prompts instead (.jsonl, e.g. the training prompts; '' = the held-out questions)")
-    b.add_argument("--n", type=positive_int, default=16, help="samples per question N; picks are reported for n = 1, 2, 4, ..., N")
-    b.add_argument("--temperature", type=in_range(float, 0), default=1.0, help="sampling temperature")
-    b.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens per answer")
-    b.add_argument("--out", default="", help="results .json ('' = MODEL/best_of_n.json, or best_of_n_train.json with --prompts)")
-    b.add_argument("--seed", type=int, default=1337, help="seed for sampling")
-    for q in (s, c, b):
-        q.add_argument("--model", default="out/reward", help="reward model checkpoint")
-        q.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-        q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
-    return p.parse_args(argv)
-
-
-def judge(argv):
-    args = get_judge_args(argv)
-    rt = setup_runtime(args.device, args.dtype)
-    try:
-        rm, ckpt = load_model(args.model)
-        if rm.score_head is None:
-            raise ValueError(f"{args.model} is not a reward model (no score head); train one with reward.py")
-        enc = data.get_encoding(data.checkpoint_tokenizer(ckpt))
-        rm.to(rt.device).eval()
-        if args.command == "best-of-n":
-            return best_of_n_report(args, rm, ckpt, enc, rt)
-        if args.command == "score":
-            if args.data:
-                records = [(data.to_messages(r, where, need_reply=False), r.get("response"), where)
-                           for where, r in data.iter_jsonl(args.data)]
-                for messages, response, where in records:
-                    if not isinstance(response, str):
-                        raise data.DataError(f"{where}: record has no string field 'response'")
-            else:
-                records = [([{"role": "user", "content": args.prompt}], args.response, "--prompt")]
-            prompts = [data.render_chat(enc, m, add_generation_prompt=True)[0] for m, _, _ in records]
-            scores = score_answers(rm, prompts, [r for _, r, _ in records], enc, rt, 64).tolist()
-            if args.data:
-                out = args.out or args.data.removesuffix(".jsonl") + ".scores.jsonl"
-                atomic_write(out, lambda f: f.write("".join(json.dumps({"score": s}) + "\n" for s in scores).encode()))
-                t = torch.tensor(scores)
-                print(f"{len(scores):,} records scored: mean {t.mean():.3f}, std {t.std() if len(t) > 1 else 0:.3f}, "
-                      f"min {t.min():.3f}, max {t.max():.3f}; wrote {out}")
-            else:
-                print(f"score {scores[0]:.4f}")
-            return scores
-
-        # compare: A and B answer the same prompts greedily; the reward model judges each pair
-        if args.prompts:
-            questions = data.read_prompts(args.prompts)
-        else:
-            world = data.load_world()
-            questions = [[{"role": "user", "content": f"What is the capital of {c}?"}]
-                         for c in world["heldout"] + world["invented"]]
-        prompt_ids = [data.render_chat(enc, q, add_generation_prompt=True)[0] for q in questions]
-        if args.max_new_tokens + 1 >= rm.config.block_size:  # found now, not after all the generation
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: an answer that long would not fit the reward "
-                             f"model's context of {rm.config.block_size}")
-        replies = {}
-        for name, path in (("a", args.a), ("b", args.b)):
-            policy, pckpt = load_model(path)
-            if data.checkpoint_tokenizer(pckpt) != data.checkpoint_tokenizer(ckpt):
-                raise ValueError(f"{path} uses another tokenizer than the reward model {args.model}")
-            replies[name] = generate_answers(policy.to(rt.device).eval(), enc, prompt_ids, rt, args.max_new_tokens)
-        with torch.no_grad(), rt.autocast():
-            score = {name: score_sequences(rm, [fit_pair(p, r, r, rm.config.block_size)[:2]
-                                                for p, r in zip(prompt_ids, replies[name])],
-                                           enc.eot_token, rt.device).float() for name in replies}
-    except (FileNotFoundError, ValueError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    # each prompt: 1 if A scores higher, 0.5 for a tie, 0 if B does; the win rate is their mean, and its
-    # 95% interval the normal approximation mean ± 1.96·s/√n
-    outcome = (score["a"] > score["b"]).float() + 0.5 * (score["a"] == score["b"]).float()
-    n, rate = len(outcome), outcome.mean().item()
-    half = 1.96 * outcome.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    result = {"win_rate": rate, "ci95": [max(0.0, rate - half), min(1.0, rate + half)], "n": n,
-              "ties": int((score["a"] == score["b"]).sum()), "mean_score_a": score["a"].mean().item(),
-              "mean_score_b": score["b"].mean().item()}
-    print(json.dumps(result))
-    print(f"{args.a} beats {args.b} on {rate:.1%} of {n} prompts (95% CI {result['ci95'][0]:.1%}-"
-          f"{result['ci95'][1]:.1%}); mean reward {result['mean_score_a']:.3f} against {result['mean_score_b']:.3f}")
-    return result
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Plots of reward over-optimization, from the runs' own logs (matplotlib: `pip ins
    square root of KL(π‖π_ref) per response. When the reward model is exploited the proxy keeps rising
    while the gold turns down.
 2. Best-of-n: for each reward model, the gold (mean grade) and the share of held-out real countries
-   answered right, of the sample it picks out of n, against n (`reward.py best-of-n` writes
-   MODEL/best_of_n.json); the oracle's pick (the best grade of n) for reference.
+   answered right, of the sample it picks out of n, against n (`sample.py --judge MODEL --best-of-n N`
+   writes MODEL/best_of_n.json); the oracle's pick (the best grade of n) for reference.
 
   python bench/plot_rlhf.py --runs "off-policy RM=out/ppo_offpolicy" "on-policy RM=out/ppo" \
       --best-of-n "off-policy RM=out/reward_offpolicy" "on-policy RM=out/reward" --out bench/figures

@@ -77,7 +77,7 @@ def test_world_chain_each_stage_moves_its_metric(tmp_path):
     scores = [r for r in map(json.loads, open(rm / "log.jsonl")) if "rm/accuracy" in r]
     print("on-policy held-out accuracy", scores[0]["rm/accuracy"], scores[-1]["rm/accuracy"])
     assert scores[-1]["rm/accuracy"] >= 0.7 and scores[-1]["rm/accuracy"] > scores[0]["rm/accuracy"]
-    run("reward.py", "best-of-n", "--model", rm, "--policy", sft, "--world", world, "--n", 4,
+    run("sample.py", "--judge", rm, "--init-from", sft, "--world", world, "--best-of-n", 4,
         "--device", "cpu", "--dtype", "float32")
     curve = read(rm / "best_of_n.json")["curve"]
     assert [c["n"] for c in curve] == [1, 2, 4] and all(c["oracle_gold"] >= c["gold"] for c in curve)

@@ -1,7 +1,8 @@
 """
 The reward model (reward.py): the Bradley-Terry loss against hand-computed values and gradients, the
 score read at each row's last real token, a learning test that can fail (a tiny model must learn which
-answer has a property), `score` and `compare` as subprocesses, exact resume, and one-line errors.
+answer has a property), exact resume, and one-line errors; the reward model as a judge (sample.py --judge:
+scores, --compare, best-of-n selection) with its scores and win rate as subprocesses.
 
   python -m pytest tests/test_reward.py
 """
@@ -20,7 +21,8 @@ import data
 import model
 import reward
 from conftest import assert_resumed_exactly
-from reward import best_of_n, bradley_terry_loss, group_comparisons
+from reward import bradley_terry_loss, group_comparisons
+from sample import best_of_n
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +64,7 @@ def test_scores_are_read_at_the_last_token_of_each_pair(tiny_config):
     torch.manual_seed(0)
     m = model.GPT(tiny_config("modern", score_head=True)).eval()
     rows = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([1, 2], [3])]
-    got = reward.score_sequences(m, rows, 0, torch.device("cpu"))
+    got = data.score_sequences(m, rows, 0, torch.device("cpu"))
     for i, (p, r) in enumerate(rows):
         alone = m.scores(torch.tensor([p + r]))[0, -1]
         torch.testing.assert_close(got[i], alone, rtol=0, atol=1e-5)
@@ -128,39 +130,45 @@ def test_lora_reward_model_saves_its_head_with_the_adapter(tiny_sft, property_pa
     torch.testing.assert_close(from_adapter.eval().scores(idx), merged.eval().scores(idx), rtol=0, atol=1e-5)
 
 
-def run(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), *map(str, argv)], capture_output=True,
+def run_sample(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, argv)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
 
 
 @pytest.mark.slow  # subprocesses
-def test_score_and_compare_from_the_command_line(tiny_sft, property_pairs, tmp_path):
+def test_the_judge_scores_and_compares_from_the_command_line(tiny_sft, property_pairs, tmp_path):
     out = tmp_path / "rm"
     reward.main(rm_args(tiny_sft, property_pairs, out, "--max-steps", "2", "--offset-prompts", "0"))
     records = tmp_path / "answers.jsonl"
     records.write_text(json.dumps({"prompt": "Hi?", "response": "yes it is"}) + "\n"
                        + json.dumps({"prompt": "Hi?", "response": "no"}) + "\n")
-    result = run("score", "--model", out, "--data", records, "--device", "cpu")
+    result = run_sample("--judge", out, "--responses", records, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     scores = [json.loads(line)["score"] for line in open(tmp_path / "answers.scores.jsonl")]
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and "2 records scored" in result.stdout
-    one = run("score", "--model", out, "--prompt", "Hi?", "--response", "yes it is", "--device", "cpu")
+    one = run_sample("--judge", out, "--prompt", "Hi?", "--response", "yes it is", "--device", "cpu")
     assert float(one.stdout.split()[-1]) == pytest.approx(scores[0], abs=1e-3)  # the same record, alone
     # a model against itself: every prompt a tie, so the win rate is exactly one half
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
-    same = run("compare", "--model", out, "--a", tiny_sft, "--b", tiny_sft, "--prompts", prompts,
-               "--max-new-tokens", "4", "--device", "cpu")
+    same = run_sample("--judge", out, "--init-from", tiny_sft, "--compare", tiny_sft, "--prompts", prompts,
+                      "--max-new-tokens", "4", "--device", "cpu")
     assert same.returncode == 0, same.stderr
     verdict = json.loads(same.stdout.splitlines()[0])
     assert (verdict["win_rate"], verdict["ties"], verdict["n"]) == (0.5, 6, 6)
     # answers longer than the reward model's context (64): one line, and for compare before any generation
-    long = run("score", "--model", out, "--prompt", "Hi?", "--response", "word " * 100, "--device", "cpu")
+    long = run_sample("--judge", out, "--prompt", "Hi?", "--response", "word " * 100, "--device", "cpu")
     assert long.returncode == 1 and "does not fit the reward model's context of 64" in long.stderr
     assert "Traceback" not in long.stderr
-    long = run("compare", "--model", out, "--a", tiny_sft, "--b", tiny_sft, "--prompts", prompts,
-               "--max-new-tokens", "80", "--device", "cpu")
+    long = run_sample("--judge", out, "--init-from", tiny_sft, "--compare", tiny_sft, "--prompts", prompts,
+                      "--max-new-tokens", "80", "--device", "cpu")
     assert long.returncode == 1 and "--max-new-tokens 80: an answer that long would not fit" in long.stderr
+
+
+def test_the_judges_flags_without_a_judge_are_one_line():
+    result = run_sample("--compare", "out/sft")  # refused by the argument parser, before any model loads
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "sample.py: error: --compare needs --judge RM, the reward model that judges"
 
 
 def test_bad_input_is_one_line(tiny_sft, tmp_path):
@@ -168,7 +176,7 @@ def test_bad_input_is_one_line(tiny_sft, tmp_path):
     bad.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n{not json\n")
     with pytest.raises(SystemExit, match=rf"{bad}:2: not valid JSON"):
         reward.main(rm_args(tiny_sft, str(bad), tmp_path / "out", "--max-steps", "1"))
-    result = run("score", "--model", tiny_sft, "--prompt", "a", "--response", "b", "--device", "cpu")
+    result = run_sample("--judge", tiny_sft, "--prompt", "a", "--response", "b", "--device", "cpu")
     assert result.returncode == 1 and "not a reward model" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -273,12 +281,12 @@ def test_label_noise_flips_the_expected_share(tiny_sft, world_prompts):
 
 def test_one_forward_row_per_answer_and_collection_by_default(tiny_sft, world_prompts, tmp_path, monkeypatch):
     rows_per_call = []
-    real = reward.score_sequences
+    real = data.score_sequences
 
     def counting(m, rows, pad_id, device):
         rows_per_call.append(len(rows))
         return real(m, rows, pad_id, device)
-    monkeypatch.setattr(reward, "score_sequences", counting)
+    monkeypatch.setattr(data, "score_sequences", counting)
     grader = tmp_path / "grader.py"
     grader.write_text("def grade(messages, answers):\n    return [len(a) for a in answers]\n")
     out = tmp_path / "rm"
