@@ -44,14 +44,15 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, lora_disabled, prepare_to_train
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
-    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
-    save_stage, set_rng_state, setup_runtime, training_state
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, \
+    data_parallel, get_lr, in_range, load_checkpoint, load_model, optimizer_step, positive_int, \
+    restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
@@ -81,16 +82,16 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(model, rows, pad_id, device):
+def sequence_logps(logprobs_of, rows, pad_id, device):
     """Σ_t log π(y_t | x, y_<t) over the response tokens of each (prompt_ids, response_ids) row, (N,).
 
     Rows are right-padded; the target at position t is the token at t + 1 where that token belongs to
-    the response, IGNORE_INDEX elsewhere (prompt and padding add nothing), and model.logprobs_of runs
-    lm_head on the response positions only.
+    the response, IGNORE_INDEX elsewhere (prompt and padding add nothing). logprobs_of: the policy's
+    model.logprobs_of (lm_head on the response positions only), or its data-parallel wrapper.
     """
     ids, _, response_mask = data.pad_responses(rows, pad_id)                 # (N, T) each
     targets = ids[:, 1:].masked_fill(~response_mask[:, 1:], IGNORE_INDEX)    # (N, T-1)
-    return model.logprobs_of(ids[:, :-1].to(device), targets.to(device)).sum(-1)  # (N, T-1) -> (N,)
+    return logprobs_of(ids[:, :-1].to(device), targets.to(device)).sum(-1)  # (N, T-1) -> (N,)
 
 
 def get_args(argv=None):
@@ -143,9 +144,11 @@ def main(argv=None):
     lr = args.lr or (5e-4 if args.lora_r else 2e-5)
 
     # ---- setup -----------------------------------------------------------------------------------
-    claim_out_dir(args.out, single_process="dpo.py")  # OUT/.lock: a second run on the same --out is refused
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    log = tqdm.write
+    claim_out_dir(args.out)  # OUT/.lock: a second run on the same --out is refused
+    rt = setup_runtime(args.device, args.dtype, args.seed)  # under torchrun: one process per GPU, data-parallel
+    log = tqdm.write if rt.master else (lambda *a, **k: None)
+    if args.batch_size < rt.world_size:
+        sys.exit(f"error: --batch-size {args.batch_size}: each of the {rt.world_size} processes needs a pair a step")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
         sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
@@ -175,22 +178,22 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     rows, n_dropped = [], 0
     for pair in pairs:
-        prompt, chosen, rejected = data.render_pair(enc, pair)
-        room = config.block_size + 1 - max(len(chosen), len(rejected))  # + 1: the last token is only a target
-        if room < 1:
+        fitted = data.fit_pair(*data.render_pair(enc, pair), config.block_size + 1)  # + 1: the last token is only a target
+        if fitted is None:
             n_dropped += 1
             continue
-        rows.append({"prompt": prompt[-room:], "chosen": chosen, "rejected": rejected, "kind": pair.get("kind", "all")})
+        prompt, chosen, rejected = fitted
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": pair.get("kind", "all")})
     log(f"{counts['read']:,} pairs from {args.data}: {len(rows):,} used, {counts['identical'] + counts['empty']:,} "
         f"identical or empty skipped, {n_dropped:,} dropped (a response over the context)")
     if len(rows) < 2:
         sys.exit(f"error: {args.data}: fewer than 2 usable pairs")
     pad = enc.eot_token
 
-    def policy_logps(batch):
+    def policy_logps(batch, logprobs_of=model.logprobs_of):
         """(chosen, rejected) sequence log-probs, each (B,): both halves in one forward pass."""
         both = [(r["prompt"], r["chosen"]) for r in batch] + [(r["prompt"], r["rejected"]) for r in batch]
-        logps = sequence_logps(model, both, pad, rt.device)                  # (2B,)
+        logps = sequence_logps(logprobs_of, both, pad, rt.device)            # (2B,)
         return logps[:len(batch)], logps[len(batch):]
 
     @torch.no_grad()
@@ -232,24 +235,19 @@ def main(argv=None):
     val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
     train = data.ExampleSampler(train_rows, args.batch_size, args.seed)
 
-    def pair_metrics(batch, prefix):
-        """Loss and DPO's implicit-reward statistics of a batch, with the loss tensor for backward."""
-        chosen, rejected = policy_logps(batch)
+    def pair_metrics(batch, logprobs_of=model.logprobs_of):
+        """Per-pair losses (for backward) and DPO's implicit-reward statistics (per pair, detached)."""
+        chosen, rejected = policy_logps(batch, logprobs_of)
         ref_chosen, ref_rejected = reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen.float(), rejected.float(), ref_chosen, ref_rejected,
                                                             args.beta, args.loss, args.label_smoothing)
         if args.sft_coef > 0:  # keep the chosen answers likely, token by token, not only likelier than the rejected
             n_tokens = torch.tensor([len(r["chosen"]) for r in batch], device=rt.device)
             losses = losses + args.sft_coef * (-chosen.float() / n_tokens)
-        return losses, {f"{prefix}/loss": losses.mean().item(),
-                        "accuracy": (chosen_rewards > rejected_rewards).float(),  # per pair; averaged below
+        return losses, {"loss": losses.detach(), "accuracy": (chosen_rewards > rejected_rewards).float(),
                         "margin": (chosen_rewards - rejected_rewards), "chosen_reward": chosen_rewards,
                         "rejected_reward": rejected_rewards, "chosen_logp": chosen.detach().float(),
                         "rejected_logp": rejected.detach().float()}
-
-    def summarise(stats, prefix):
-        return {k if k.startswith(prefix) else f"{prefix}/{k}": (v if isinstance(v, float) else v.mean().item())
-                for k, v in stats.items()}
 
     @torch.no_grad()
     def evaluate():
@@ -258,11 +256,10 @@ def main(argv=None):
         parts = []
         for i in range(0, len(val_rows), args.batch_size):
             with rt.autocast():
-                parts.append(pair_metrics(val_rows[i:i + args.batch_size], "val")[1])
+                parts.append(pair_metrics(val_rows[i:i + args.batch_size])[1])
         model.train()
-        joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "val/loss"}
-        result = summarise(joined, "val")
-        result["val/loss"] = sum(p["val/loss"] * len(p["margin"]) for p in parts) / len(val_rows)
+        joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        result = {f"val/{k}": v.mean().item() for k, v in joined.items()}
         kinds = [r["kind"] for r in val_rows]
         for kind in sorted(set(kinds)):
             result[f"val/accuracy_{kind}"] = joined["accuracy"][torch.tensor([k == kind for k in kinds])].mean().item()
@@ -276,21 +273,27 @@ def main(argv=None):
         log(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint():
+        if not rt.master:  # the ranks hold the same weights; rank 0 writes them
+            return
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
                    tokenizer=tokenizer, args=vars(args), step=step, stage="dpo", chat=True,
                    **training_state(optimizer, rt.scaler, train, rt.device))
 
     if resume:
         set_rng_state(resume["rng"], rt.device)
+    # torchrun: DDP averages the ranks' gradients. It hooks a module's forward, and the loss runs through
+    # model.logprobs_of: data_parallel wraps that method as a forward (no torchrun: the method itself)
+    logprobs_of = data_parallel(model, rt, "logprobs_of")
 
     # ---- training loop: evaluate -> checkpoint -> step -> log --------------------------------------
     metrics, stopped_early, first_val = {}, False, None
     model.train()
     t_last = time.perf_counter()
-    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="dpo", dynamic_ncols=True) as bar:
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="dpo", dynamic_ncols=True,
+                                         disable=not rt.master) as bar:
         while True:
             last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
-            if step % args.eval_every == 0 or last:
+            if (step % args.eval_every == 0 or last) and rt.master:  # the others wait at the next all-reduce
                 metrics.update(evaluate())
                 first_val = metrics["val/chosen_logp"] if first_val is None else first_val
                 log(f"step {step}/{args.max_steps} | val loss {metrics['val/loss']:.4f} | reward accuracy "
@@ -305,13 +308,18 @@ def main(argv=None):
             if last:
                 break
 
+            # every rank draws the step's pairs (one sampler, one seed) and trains on its share: the loss is
+            # the mean over all of them, so this rank's part is its sum / the batch (x world: DDP averages)
             batch = train.next()
             with rt.autocast():
-                losses, stats = pair_metrics(batch, "train")
-            rt.scaler.scale(losses.mean()).backward()
+                losses, stats = pair_metrics(batch[rt.rank::rt.world_size], logprobs_of)
+            rt.scaler.scale(losses.sum() / len(batch) * rt.world_size).backward()
             grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
                                        args.grad_clip)
-            record = summarise(stats, "train")
+            sums = torch.stack([v.float().sum() for v in stats.values()])  # the step's statistics, all ranks
+            if rt.ddp:
+                dist.all_reduce(sums)
+            record = {f"train/{k}": v / len(batch) for k, v in zip(stats, sums.tolist())}
             check_finite(record["train/loss"], step, ckpt_path)
             step += 1
 
@@ -320,17 +328,26 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.0%}",
                             pairs_s=f"{len(batch) / dt:,.1f}")
-            if step % args.log_every == 0 or step == 1:
+            if (step % args.log_every == 0 or step == 1) and rt.master:
                 log(f"step {step}/{args.max_steps} | loss {record['train/loss']:.4f} | reward accuracy "
                     f"{record['train/accuracy']:.1%} | margin {record['train/margin']:.3f} | grad norm {grad_norm:.2f}"
                     f" | {dt * 1000:.0f} ms | {len(batch) / dt:,.1f} pairs/s")
                 append_jsonl(log_path, {"step": step, **record, "grad_norm": grad_norm, "dt_ms": dt * 1000,
                                         "pairs_per_s": len(batch) / dt})
-            if stop.requested or step == args.stop_at:
+            stopping = stop.requested or step == args.stop_at
+            if rt.ddp:  # stop together: a rank that stopped alone would leave the others waiting forever
+                flag = torch.tensor(float(stopping), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping:
                 checkpoint()
                 stopped_early = True
                 break
 
+    if rt.ddp:
+        dist.destroy_process_group()
+    if not rt.master:
+        return {"step": step, **metrics}
     if stopped_early:
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step, **metrics}
@@ -344,8 +361,8 @@ def main(argv=None):
     if scores:
         log(f"world: {data.format_world_metrics(scores)}")
         metrics["world"] = scores
-    log(f"checkpoint: {ckpt_path}\nagainst SFT: python reward.py compare --model out/reward --a {args.out} "
-        f"--b {args.init_from}")
+    log(f"checkpoint: {ckpt_path}\nagainst SFT: python sample.py --judge out/reward --init-from {args.out} "
+        f"--compare {args.init_from}")
     return {"step": step, **metrics}
 
 

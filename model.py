@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import lora
 
@@ -823,7 +824,7 @@ def claim_out_dir(out, single_process=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if single_process and world > 1:
         raise SystemExit(f"error: {single_process} runs in one process; under torchrun it would start {world} "
-                         f"unsynchronised copies (pretrain.py and sft.py are the data-parallel stages)")
+                         f"unsynchronised copies (pretrain.py, sft.py, reward.py and dpo.py are the data-parallel stages)")
     try:  # a directory that cannot be written fails now, not after training
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a")
@@ -1521,6 +1522,29 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     random.seed(seed)
     torch.manual_seed(seed)
     return Runtime(device, dtype, scaler, rank, local_rank, world, why)
+
+
+class _Method(nn.Module):
+    """A model's method (scores, logprobs_of) as a module's forward: DDP hooks only forward."""
+
+    def __init__(self, model, name):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.name)(*args, **kwargs)
+
+
+def data_parallel(model, rt, method=None, find_unused=False):
+    """Under torchrun, the model (or its method, for a stage whose loss runs through model.scores or
+    model.logprobs_of) wrapped in DistributedDataParallel, which averages the ranks' gradients during
+    backward; in one process, the model or the method itself. find_unused: some trainable parameter is not
+    in the loss (a reward model's untied lm_head), which DDP must be told. Evaluate and generate with the
+    model itself: a DDP forward on rank 0 alone would wait for the others."""
+    if not rt.ddp:
+        return getattr(model, method) if method else model
+    return DistributedDataParallel(_Method(model, method) if method else model, find_unused_parameters=find_unused,
+                                   device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
 
 # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; checked in order, so

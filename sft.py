@@ -45,14 +45,13 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, merge_lora, prepare_to_train
-from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
-    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
-    save_stage, set_rng_state, setup_runtime, training_state
+from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, \
+    data_parallel, get_lr, in_range, load_checkpoint, load_model, optimizer_step, positive_int, \
+    restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
 # Answered greedily at every evaluation, so the change from "continue the text" to "answer" is visible.
@@ -230,7 +229,7 @@ def main(argv=None):
         set_rng_state(resume["rng"], rt.device)
 
     # torchrun: DDP averages the gradients of the ranks; each trains on its share of every step's batches
-    trained = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.ddp else model
+    trained = data_parallel(model, rt)
 
     # ---- training loop: evaluate -> checkpoint -> step -> log ------------------------------------
     metrics, stopped_early = {}, False

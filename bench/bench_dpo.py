@@ -62,7 +62,7 @@ def main():
 
     def logps(model, batch):
         both = [(q, c) for q, c, _ in batch] + [(q, r) for q, _, r in batch]
-        out = dpo.sequence_logps(model, both, enc.eot_token, rt.device)
+        out = dpo.sequence_logps(model.logprobs_of, both, enc.eot_token, rt.device)
         return out[:len(batch)], out[len(batch):]
 
     settings = {"full, cached": (build(0), "cached"), "LoRA r=8, cached": (build(8), "cached"),

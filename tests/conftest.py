@@ -5,6 +5,7 @@ Run the whole suite with `python -m pytest tests`; skip the slow tests with `-m 
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -64,3 +65,23 @@ def assert_resumed_exactly(straight, resumed, steps):
     assert sorted(b) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def torchrun(script, *args, processes=2):
+    """Run a stage script under torchrun: `processes` CPU processes (gloo), one thread each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", script, *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def assert_same_training(single, ddp, steps, tol=1e-4):
+    """A data-parallel run and a one-process run with the same global batch: one log line per step (rank 1
+    wrote none), the same train losses and the same final weights, to tol (sums in another order)."""
+    a, b = train_losses(single), train_losses(ddp)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=tol), step
+    wa, wb = (model.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"] for out in (single, ddp))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=tol, rtol=tol)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from conftest import assert_resumed_exactly, train_losses
+from conftest import assert_resumed_exactly, assert_same_training, torchrun, train_losses
 import model
 from dpo import dpo_loss
 
@@ -74,7 +74,7 @@ def test_sequence_logps_sum_response_tokens_only(tiny_config):
     torch.manual_seed(0)
     m = model.GPT(tiny_config("gpt2")).eval()
     rows = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9, 10]), ([11, 12, 13, 14], [15])]
-    got = dpo.sequence_logps(m, rows, 0, torch.device("cpu"))
+    got = dpo.sequence_logps(m.logprobs_of, rows, 0, torch.device("cpu"))
     for i, (p, r) in enumerate(rows):  # directly: log_softmax at each position that predicts a response token
         ids = torch.tensor([p + r])
         lp = F.log_softmax(m(ids)[0][0].float(), -1)
@@ -155,6 +155,17 @@ def test_dpo_resume_is_exact(tiny_sft, pairs_file, tmp_path, monkeypatch):
     for flag, saved, given in [("loss", "ipo", "sigmoid"), ("beta", 0.5, 0.1), ("sft-coef", 0.5, 1.0),
                                ("data", pairs_file, tmp_path / "absent.jsonl")]:
         assert f"--resume: --{flag} {saved} from the checkpoint (the command line gave {given})" in said
+
+
+@pytest.mark.slow  # two processes
+def test_ddp_matches_one_process(tiny_sft, pairs_file, tmp_path):
+    """torchrun, 2 gloo processes, 4 pairs a step (2 each) == 1 process, 4 pairs a step: each rank's loss is
+    its share's sum over the whole batch, so the averaged gradients are the one process's."""
+    common = ["--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--lr", "1e-3"]
+    dpo.main(dpo_args(tiny_sft, pairs_file, tmp_path / "single", *common))
+    result = torchrun("dpo.py", *dpo_args(tiny_sft, pairs_file, tmp_path / "ddp", *common))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", 4)
 
 
 def test_bad_input_and_bad_flags(tiny_sft, tmp_path):
