@@ -1889,11 +1889,12 @@ def generate_replies(model, enc, prompts, stop, device, autocast, batch_size, ma
         model, prompts, stop, device, autocast, batch_size, max_new_tokens, temperature, generator)]
 
 
-def score_sequences(model, rows, pad_id, device):
+def score_sequences(scores_of, rows, pad_id, device):
     """A reward model's scores of (prompt_ids, response_ids) rows: the score head at each row's last real
-    token, (N,). One forward pass for all rows, right-padded (causal attention never sees the padding)."""
-    ids, pad_mask, _ = pad_responses(rows, pad_id)                         # (N, T) each
-    return last_token(model.scores(ids.to(device)), pad_mask.to(device))  # (N, T) -> (N,)
+    token, (N,). One forward pass for all rows, right-padded (causal attention never sees the padding).
+    scores_of: the reward model's model.scores, or its data-parallel wrapper (model.data_parallel)."""
+    ids, pad_mask, _ = pad_responses(rows, pad_id)                       # (N, T) each
+    return last_token(scores_of(ids.to(device)), pad_mask.to(device))   # (N, T) -> (N,)
 
 
 def score_answers(model, prompts, answers, enc, rt, batch_size=128):
@@ -1908,7 +1909,7 @@ def score_answers(model, prompts, answers, enc, rt, batch_size=128):
                              f"context of {model.config.block_size}: {a[:40]!r}...")
         rows.append(fit[:2])
     with torch.no_grad(), rt.autocast():
-        return torch.cat([score_sequences(model, rows[i:i + batch_size], enc.eot_token, rt.device).float()
+        return torch.cat([score_sequences(model.scores, rows[i:i + batch_size], enc.eot_token, rt.device).float()
                           for i in range(0, len(rows), batch_size)])
 
 

@@ -59,17 +59,18 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 from lora import DEFAULT_TARGETS, prepare_to_train
-from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, get_lr, \
-    in_range, load_checkpoint, load_model, optimizer_step, positive_int, restore_training_state, resume_args, \
-    save_stage, set_rng_state, setup_runtime, training_state
+from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, \
+    data_parallel, get_lr, in_range, load_checkpoint, load_model, optimizer_step, positive_int, \
+    restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
-def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0, group=None):
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0, group=None, totals=None):
     """InstructGPT's reward-model loss (Eq. 1), under the Bradley-Terry model (Bradley and Terry 1952):
 
         loss = mean over prompts x of  −1/C_x · Σ_(y_w, y_l) log σ(r(x, y_w) − r(x, y_l) − m)
@@ -82,16 +83,18 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef
     strongly people preferred the answer). center_coef adds c · mean((r_w + r_l)²): the loss sees only
     differences, so scores may drift as a whole; this keeps them near 0 (reward centering, Eisenstein
     et al. 2023). −log σ(z) is computed as −logsigmoid(z), finite for any z. Returns a 0-dim tensor.
+    totals (P, M) of the whole batch, when this call sees one data-parallel rank's share of it: the two
+    means are then taken over the whole batch, and the ranks' losses sum to the batch's.
     """
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)    # (M,)
     if group is None:
-        loss = losses.mean()
-    else:
-        n_prompts = int(group.max()) + 1
-        per_prompt = torch.zeros(n_prompts, device=losses.device).index_add(0, group, losses)  # (P,) sums
-        loss = (per_prompt / torch.bincount(group, minlength=n_prompts)).mean()
+        group = torch.arange(len(losses), device=losses.device)
+    n = int(group.max()) + 1
+    per_prompt = torch.zeros(n, device=losses.device).index_add(0, group, losses) / torch.bincount(group, minlength=n)
+    n_prompts, n_comparisons = totals or (n, len(losses))
+    loss = per_prompt.sum() / n_prompts                                                   # (P,) -> mean
     if center_coef > 0:
-        loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).mean()
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).sum() / n_comparisons
     return loss
 
 
@@ -270,9 +273,11 @@ def main(argv=None):
     lr = args.lr or (1e-3 if args.lora_r else 1e-4)
 
     # ---- setup -----------------------------------------------------------------------------------
-    claim_out_dir(args.out, single_process="reward.py")  # OUT/.lock: a second run on the same --out is refused
-    rt = setup_runtime(args.device, args.dtype, args.seed)
-    log = tqdm.write
+    claim_out_dir(args.out)  # OUT/.lock: a second run on the same --out is refused
+    rt = setup_runtime(args.device, args.dtype, args.seed)  # under torchrun: one process per GPU, data-parallel
+    log = tqdm.write if rt.master else (lambda *a, **k: None)
+    if args.batch_size < rt.world_size:
+        sys.exit(f"error: --batch-size {args.batch_size}: each of the {rt.world_size} processes needs a prompt a step")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     feedback_path = os.path.join(args.out, "feedback.jsonl")
     if args.resume and not os.path.exists(ckpt_path):
@@ -292,9 +297,10 @@ def main(argv=None):
     model.to(rt.device)
 
     # ---- step 1: feedback on the policy's own answers (once; --resume reads what was written) -------
+    # under torchrun rank 0 collects while the others wait (the process group's timeout bounds it)
     files = list(args.data)
     if args.collect_from:
-        if not resume:
+        if not resume and rt.master:
             try:
                 annotate = load_annotator(args.annotator, args.prompts)
                 prompts = data.read_prompts(args.prompts)
@@ -322,6 +328,8 @@ def main(argv=None):
                 f"ended) -> {stats['comparisons']:,} comparisons from {stats['prompts_with_comparisons']:,} prompts "
                 f"(the rest all tied), label noise {args.label_noise:g}; {stats['seconds']:.1f} s; wrote {feedback_path}")
             append_jsonl(log_path, {"step": 0, **{f"feedback/{k}": v for k, v in stats.items()}})
+        if rt.ddp:
+            dist.barrier()
         files.append(feedback_path)
 
     # ---- data: comparisons -> token ids, grouped by prompt; a held-out split of prompts --------------
@@ -366,11 +374,11 @@ def main(argv=None):
     log(f"reward model from {args.init_from}: {n_trainable:,} trainable parameters"
         f"{' (LoRA r=%d + score head)' % args.lora_r if args.lora_r else ''} on {rt.device} ({rt.why})")
 
-    def comparison_scores(batch):
+    def comparison_scores(batch, scores_of=model.scores):
         """(r_w, r_l, group, kinds) of every comparison of a batch of prompts: each distinct answer is
         one row of one forward pass, and a comparison reads its two answers' scores."""
         rows = [(g["prompt"], a) for g in batch for a in g["answers"]]
-        scores = data.score_sequences(model, rows, pad, rt.device).float()      # (N,) one per answer
+        scores = data.score_sequences(scores_of, rows, pad, rt.device).float()  # (N,) one per answer
         winners, losers, group, kinds, first = [], [], [], [], 0
         for i, g in enumerate(batch):
             for w, l, kind in g["comparisons"]:
@@ -389,6 +397,8 @@ def main(argv=None):
         log(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint(offset=0.0, scale=1.0):
+        if not rt.master:  # the ranks hold the same weights; rank 0 writes them
+            return
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
                    tokenizer=tokenizer, args=vars(args), step=step, stage="reward", chat=True, reward_offset=offset,
                    reward_scale=scale,
@@ -419,15 +429,19 @@ def main(argv=None):
 
     if resume:
         set_rng_state(resume["rng"], rt.device)
+    # torchrun: DDP averages the ranks' gradients; it hooks forward, and the loss runs through model.scores.
+    # find_unused: scores never reach lm_head (an untied one would wait for a gradient forever)
+    scores_of = data_parallel(model, rt, "scores", find_unused=True)
 
     # ---- training loop: evaluate -> checkpoint -> step -> log --------------------------------------
     metrics, stopped_early = {}, False
     model.train()
     t_last = time.perf_counter()
-    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="reward", dynamic_ncols=True) as bar:
+    with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc="reward", dynamic_ncols=True,
+                                         disable=not rt.master) as bar:
         while True:
             last = step >= args.max_steps  # >=: a --resume past --max-steps ends too
-            if step % args.eval_every == 0 or last:
+            if (step % args.eval_every == 0 or last) and rt.master:  # the others wait at the next all-reduce
                 metrics.update(evaluate())
                 log(f"step {step}/{args.max_steps} | held-out accuracy {metrics['rm/accuracy']:.1%} | margin "
                     f"{metrics['rm/margin']:.3f} | chosen {metrics['rm/chosen_mean']:.2f} ± {metrics['rm/chosen_std']:.2f}"
@@ -441,31 +455,46 @@ def main(argv=None):
             if last:
                 break
 
+            # every rank draws the step's prompts (one sampler, one seed) and trains on its share; its loss
+            # takes the means over the whole batch (totals), so the ranks' losses sum to it (x world: DDP averages)
             batch = train.next()
+            n = sum(len(g["comparisons"]) for g in batch)
             with rt.autocast():
-                chosen, rejected, group, _ = comparison_scores(batch)
-                loss = bradley_terry_loss(chosen, rejected, args.margin, args.center_coef, group)
-            rt.scaler.scale(loss).backward()
+                chosen, rejected, group, _ = comparison_scores(batch[rt.rank::rt.world_size], scores_of)
+                loss = bradley_terry_loss(chosen, rejected, args.margin, args.center_coef, group, (len(batch), n))
+            rt.scaler.scale(loss * rt.world_size).backward()
             grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
                                        args.grad_clip)
-            train_loss, train_acc = loss.item(), (chosen > rejected).float().mean().item()
+            sums = torch.stack([loss.detach().float(), (chosen > rejected).float().sum()])  # all ranks' share
+            if rt.ddp:
+                dist.all_reduce(sums)
+            train_loss, train_acc = sums[0].item(), sums[1].item() / n
             check_finite(train_loss, step, ckpt_path)
             step += 1
 
             t_now = time.perf_counter()
             dt, t_last = t_now - t_last, t_now
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.0%}", pairs_s=f"{len(chosen) / dt:,.1f}")
-            if step % args.log_every == 0 or step == 1:
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.0%}", pairs_s=f"{n / dt:,.1f}")
+            if (step % args.log_every == 0 or step == 1) and rt.master:
                 log(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | accuracy {train_acc:.1%} | grad norm "
-                    f"{grad_norm:.2f} | {dt * 1000:.0f} ms | {len(chosen) / dt:,.1f} comparisons/s")
+                    f"{grad_norm:.2f} | {dt * 1000:.0f} ms | {n / dt:,.1f} comparisons/s")
                 append_jsonl(log_path, {"step": step, "train/loss": train_loss, "train/accuracy": train_acc,
-                                        "grad_norm": grad_norm, "dt_ms": dt * 1000, "pairs_per_s": len(chosen) / dt})
-            if stop.requested or step == args.stop_at:
+                                        "grad_norm": grad_norm, "dt_ms": dt * 1000, "pairs_per_s": n / dt})
+            stopping = stop.requested or step == args.stop_at
+            if rt.ddp:  # stop together: a rank that stopped alone would leave the others waiting forever
+                flag = torch.tensor(float(stopping), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping:
                 checkpoint()
                 stopped_early = True
                 break
 
+    if rt.ddp:
+        dist.destroy_process_group()
+    if not rt.master:
+        return {"step": step, **metrics}
     if stopped_early:
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step, **metrics}

@@ -315,7 +315,7 @@ def compare(args, rm, ckpt, enc, rt):
     with torch.no_grad(), rt.autocast():
         for name, answers in replies.items():  # each answer after its prompt, the prompt cut to fit
             rows = [data.fit_pair(p, r, [], rm.config.block_size)[:2] for p, r in zip(prompt_ids, answers)]
-            score[name] = data.score_sequences(rm, rows, enc.eot_token, rt.device).float()  # (Q,)
+            score[name] = data.score_sequences(rm.scores, rows, enc.eot_token, rt.device).float()  # (Q,)
     # each prompt: 1 if A scores higher, 0.5 for a tie, 0 if B does; the win rate is their mean, and its
     # 95% interval the normal approximation mean ± 1.96·s/√n
     outcome = (score["a"] > score["b"]).float() + 0.5 * (score["a"] == score["b"]).float()

@@ -63,7 +63,7 @@ def main():
 
     def scores(model, batch):
         both = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-        s = data.score_sequences(model, both, enc.eot_token, rt.device)
+        s = data.score_sequences(model.scores, both, enc.eot_token, rt.device)
         return s[:len(batch)], s[len(batch):]
 
     def train_step(model, optimizer, batch):

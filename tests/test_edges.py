@@ -131,11 +131,12 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     model.claim_out_dir(str(out))  # and a process may claim its own directory twice (one test after another)
 
 
-def test_single_process_stages_refuse_torchrun(monkeypatch, checkpoints, tmp_path):
-    import dpo
+def test_ppo_refuses_torchrun(monkeypatch, checkpoints, tmp_path):
+    """ppo.py is the one stage that does not split its work (sft, reward and dpo are data-parallel)."""
+    import ppo
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="dpo.py runs in one process"):
-        dpo.main(["--init-from", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="ppo.py runs in one process"):
+        ppo.main(["--policy", checkpoints["pretrain"], "--out", str(tmp_path / "out"), "--device", "cpu"])
 
 
 def test_the_token_cache_follows_content_and_is_never_kept_truncated(tmp_path, enc):

@@ -20,7 +20,7 @@ import torch
 import data
 import model
 import reward
-from conftest import assert_resumed_exactly
+from conftest import assert_resumed_exactly, assert_same_training, torchrun
 from reward import bradley_terry_loss, group_comparisons
 from sample import best_of_n
 
@@ -64,7 +64,7 @@ def test_scores_are_read_at_the_last_token_of_each_pair(tiny_config):
     torch.manual_seed(0)
     m = model.GPT(tiny_config("modern", score_head=True)).eval()
     rows = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([1, 2], [3])]
-    got = data.score_sequences(m, rows, 0, torch.device("cpu"))
+    got = data.score_sequences(m.scores, rows, 0, torch.device("cpu"))
     for i, (p, r) in enumerate(rows):
         alone = m.scores(torch.tensor([p + r]))[0, -1]
         torch.testing.assert_close(got[i], alone, rtol=0, atol=1e-5)
@@ -117,6 +117,30 @@ def test_reward_resume_is_exact(tiny_sft, property_pairs, tmp_path):
     reward.main(rm_args(tiny_sft, property_pairs, tmp_path / "resumed", *common, "--resume"))
 
     assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
+
+
+@pytest.mark.slow  # two processes
+def test_ddp_matches_one_process(tiny_sft, tmp_path):
+    """torchrun, 2 gloo processes, 4 prompts a step (2 each) == 1 process, 4 prompts a step, with rankings of
+    2 to 4 answers (1 to 6 comparisons a prompt) and the centering term on: each rank's loss takes the
+    means over the whole batch, so the ranks' gradients sum to the one process's. The model's lm_head is
+    untied and never in the loss (DDP must be told)."""
+    rng = random.Random(1)
+    words = "the a cat dog sun tree runs sits red big small over under and blue green".split()
+    lines = []
+    for g in range(40):
+        answers = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + (" yes" * (3 - j))
+                   for j in range(rng.randint(2, 4))]  # best first
+        lines += [json.dumps({"prompt": f"Question {g}?", "chosen": a, "rejected": b, "group": g})
+                  for i, a in enumerate(answers) for b in answers[i + 1:]]
+    pairs = tmp_path / "ranked.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    common = ["--batch-size", "4", "--max-steps", "4", "--log-every", "1", "--offset-prompts", "0",
+              "--center-coef", "0.1"]
+    reward.main(rm_args(tiny_sft, str(pairs), tmp_path / "single", *common))
+    result = torchrun("reward.py", *rm_args(tiny_sft, str(pairs), tmp_path / "ddp", *common))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", 4)
 
 
 def test_lora_reward_model_saves_its_head_with_the_adapter(tiny_sft, property_pairs, tmp_path):
