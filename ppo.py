@@ -40,8 +40,7 @@ GAE (compute_advantages has the three algorithms' equations side by side).
 Reads:  --policy the SFT checkpoint (default out/sft); --reward-model the reward model (out/reward), or
         --reward world: the world's own rule instead; --prompts .jsonl (default data/world/prompts.jsonl).
 Writes: OUT/ckpt.pt (a chat model, as sft.py writes; plus the value model for --resume), OUT/adapter.pt
-        (LoRA), OUT/log.jsonl (every step; on the world with the gold: data.world_annotator's mean grade
-        of the rollouts, next to the reward model's score, the proxy), OUT/eval.json.
+        (LoRA), OUT/log.jsonl (every step; on the world also the gold reward, see main), OUT/eval.json.
 
   python ppo.py                                  # out/sft against out/reward -> out/ppo
   python ppo.py --reward world --out out/ppo_world   # the world's verifiable rule as the reward
@@ -52,6 +51,7 @@ Writes: OUT/ckpt.pt (a chat model, as sft.py writes; plus the value model for --
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -126,19 +126,18 @@ def compute_advantages(algo, scores, kl, mask, values=None, kl_coef=0.0, group_s
     """
     kl = kl * mask
     if algo == "ppo":
-        rewards = -kl_coef * kl
-        rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] += scores
+        rewards = -kl_coef * kl                                                  # (B, L)
+        rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] += scores       # s at each last response token
         advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
         return masked_whiten(advantages, mask), returns
-    if algo == "rloo":
-        scores = scores - kl_coef * kl.sum(1)                                    # (B,) R_i
-    r = scores.view(-1, group_size)                                              # (B/K, K)
-    if algo == "rloo":
-        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
-    else:
+    if algo == "grpo":
+        r = scores.view(-1, group_size)                                          # (B,) -> (B/K, K)
         advantages = r - r.mean(1, keepdim=True)
         if scale:
             advantages = advantages / (r.std(1, keepdim=True) + eps)
+    else:  # rloo
+        r = (scores - kl_coef * kl.sum(1)).view(-1, group_size)                  # (B,) R_i -> (B/K, K)
+        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
     return advantages.reshape(-1, 1) * mask, None                                # (B/K, K) -> (B, L)
 
 
@@ -148,10 +147,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2, av
     ρ_t = π(a_t|s_t) / π_old(a_t|s_t) = exp(log π − log π_old)
     L   = masked mean over the batch's real tokens of max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))
 
-    (average: "token" as here, or "sequence", see average_tokens.)
-    Shape: every argument (B, L); mask is 1 on response tokens. Also returns, detached: the clip
-    fraction (the share of tokens where the clipped term is the larger, so its gradient is 0) and the
-    approximate KL(π_old‖π) = mean of ½(log ρ)², a check that the update stayed small.
+    (average="sequence": see average_tokens.) Shape: every argument (B, L); mask is 1 on response tokens.
+    Also returns, detached: the clip fraction (the share of tokens where the clipped term is the larger, so
+    its gradient is 0) and the approximate KL(π_old‖π) = mean of ½(log ρ)², a check that the update stayed small.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -169,10 +167,9 @@ def rloo_loss(logprobs, advantages, mask):
     L = −(1/N) Σ_i A_i · Σ_t log π(y_it | x_i, y_i,<t)        so  ∇L = −(1/N) Σ_i A_i · ∇log π(y_i|x_i)
 
     the RLOO estimator (1/K) Σ_i A_i·∇log π(y_i|x) of Ahmadian et al. 2024, averaged over the prompts.
-    Summed over each response's tokens, not averaged: the paper treats the whole response as one action,
-    and log π(y|x) is that sum. Dividing by |y_i| would give a short response's tokens more weight, the
-    length bias Dr. GRPO (Liu et al. 2025) takes out of GRPO's per-response mean; TRL's RLOOTrainer sums
-    too. No ratio and no clip: one step on samples of the current policy, where ρ = 1.
+    Summed over each response's tokens, not averaged: the paper's action is the whole response, and log π(y|x)
+    is that sum; dividing by |y_i| would weigh a short response's tokens more, the length bias Dr. GRPO (Liu et
+    al. 2025) takes out of GRPO's per-response mean (TRL's RLOOTrainer sums too). No ratio, no clip: ρ = 1.
     Shape: every argument (B, L); advantages A_i on every token of response i; mask 1 on response tokens.
     """
     return -(advantages * logprobs * mask).sum() / len(mask)
@@ -250,29 +247,24 @@ def get_args(argv=None):
                    help="prompts .jsonl (chat, instruction, preference or prompt-only records)")
     p.add_argument("--out", default="out/ppo", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    # the algorithm
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo"],
-                   help="PPO with a value model and GAE, or critic-free: GRPO (group baseline, clipped loss) or "
-                        "RLOO (leave-one-out baseline, REINFORCE: one step per batch)")
-    p.add_argument("--group-size", type=in_range(int, 0), default=0, help="samples per prompt K (0 = 1 for ppo, 4 for grpo/rloo)")
+    # the algorithm (compute_advantages)
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo"], help="PPO (value model, GAE), or critic-free: "
+                   "GRPO (group baseline, clipped loss), RLOO (leave-one-out baseline, REINFORCE)")
+    p.add_argument("--group-size", type=in_range(int, 0), default=0, help="samples per prompt K (0 = 1 for ppo, 4 else)")
     p.add_argument("--no-std-scale", action="store_true", help="grpo: advantages r − mean, not divided by the std (Dr. GRPO)")
     p.add_argument("--loss-average", default="token", choices=["token", "sequence"],
-                   help="ppo/grpo: mean over all response tokens of the batch, or per response then over "
-                        "responses (GRPO's); rloo sums each response's tokens (rloo_loss)")
+                   help="ppo/grpo: mean over the batch's response tokens, or per response then over responses (GRPO's)")
     # rollouts
     p.add_argument("--batch-size", type=positive_int, default=32, help="responses per rollout batch (one step)")
     p.add_argument("--max-new-tokens", type=positive_int, default=24, help="the longest response")
-    p.add_argument("--temperature", type=in_range(float, 0, open_low=True), default=1.0, help="sampling temperature (no top-k/top-p) [d2]")
+    p.add_argument("--temperature", type=in_range(float, 0, open_low=True), default=1.0, help="sampling temperature [d2]")
     p.add_argument("--missing-end-penalty", type=lambda v: None if v == "none" else float(v), default=-1.0,
                    help="the score of a response that never wrote <|end|> ('none' = keep its score) [d5]")
     # rewards and advantages
     p.add_argument("--kl-coef", type=in_range(float, 0), default=0.2,
-                   help="β: the KL penalty, in the reward (ppo per token, rloo per response; the start value if "
-                        "adaptive) or the loss (grpo, k3); reward.py scales the SFT answers' scores to std 1, so β "
-                        "is in those units")
+                   help="β: the KL penalty in the reward (ppo, rloo; the start if adaptive) or loss (grpo), in reward std units")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate [d7]")
-    p.add_argument("--target-kl", type=in_range(float, 0), default=0.0,
-                   help="ppo/rloo: adapt β towards this KL per response (0 = β fixed) [d12]")
+    p.add_argument("--target-kl", type=in_range(float, 0), default=0.0, help="ppo/rloo: β adapts to this KL (0 = off) [d12]")
     p.add_argument("--gamma", type=in_range(float, 0, 1), default=1.0, help="γ: discount over response tokens")
     p.add_argument("--lam", type=in_range(float, 0, 1), default=0.95, help="λ of GAE: bias (0) against variance (1)")
     # PPO and GRPO (RLOO takes one gradient step on each rollout batch)
@@ -282,7 +274,7 @@ def get_args(argv=None):
     p.add_argument("--value-clip-range", type=in_range(float, 0), default=0.2, help="ε of the value clip")
     # LoRA (--lora-r 0 = full fine-tuning)
     p.add_argument("--lora-r", type=in_range(int, 0), default=0, help="LoRA rank r for policy and value model (0 = full)")
-    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: the update is scaled by α/r")
+    p.add_argument("--lora-alpha", type=in_range(float, 0, open_low=True), default=16.0, help="LoRA α: updates scaled by α/r")
     p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), help="module name suffixes to adapt")
     # optimization
     p.add_argument("--max-steps", type=positive_int, default=100, help="PPO steps (rollout batches)")
@@ -296,13 +288,9 @@ def get_args(argv=None):
     p.add_argument("--stop-at", type=in_range(int, -1), default=-1, help="save and exit after this step (-1 = off)")
     # system
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: see model.setup_runtime")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="see setup_runtime")
     p.add_argument("--seed", type=int, default=1337, help="seed for prompt order and sampling")
-    args = p.parse_args(argv)
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0: PPO needs sampled responses and their probabilities")
-    if args.target_kl < 0 or args.kl_coef < 0:
-        p.error("--kl-coef and --target-kl must be >= 0")
+    args = p.parse_args(argv)  # in_range already refuses a temperature <= 0 and a negative β or KL target
     args.group_size = args.group_size or (1 if args.algo == "ppo" else 4)
     if args.algo != "ppo" and args.group_size < 2:
         p.error(f"--algo {args.algo} needs --group-size of at least 2: the baseline is the group's other samples")
@@ -356,17 +344,14 @@ def main(argv=None, reward_fn=None):
     end, pad = data.end_of_turn(enc), enc.eot_token
     # π_ref: a frozen copy of the SFT model, or with LoRA the policy itself with its adapters disabled
     reference = None if args.lora_r else copy.deepcopy(policy).requires_grad_(False)
-    # the value model V(s_t) [d8]: a copy of the reward model, which already reads a whole answer's worth
-    # at its last token, so the first advantages are not noise (InstructGPT; Huang et al. 2024). With the
-    # world's rule there is no reward model: the SFT model with a new score head. A separate network, not
-    # a head on the policy: the value loss then never pulls on the policy's weights.
-    # GRPO and RLOO need none: the group's other samples are the baseline.
+    # the value model V(s_t) [d8]: a copy of the reward model, which already reads a whole answer at its last
+    # token, so the first advantages are not noise (InstructGPT; Huang et al. 2024); with the world's rule, the SFT
+    # model with a new score head. A network apart, so the value loss never pulls on the policy. GRPO, RLOO: none.
     value = None
-    if args.algo == "ppo" and rm is not None:
-        value = copy.deepcopy(rm).requires_grad_(True)
-    elif args.algo == "ppo":
-        value = copy.deepcopy(policy)
-        value.add_score_head()
+    if args.algo == "ppo":
+        value = copy.deepcopy(policy if rm is None else rm).requires_grad_(True)
+        if rm is None:
+            value.add_score_head()
     try:  # LoRA (lora.prepare_to_train; the value model's head trains whole) or full; errors in one line
         fingerprint = prepare_to_train(policy, args, resume, dropout=0.0)
         if args.lora_r and value is not None:
@@ -390,27 +375,29 @@ def main(argv=None, reward_fn=None):
         messages = data.read_prompts(args.prompts)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    rows, seen = [], set()
+    rows = {}  # rendered prompt -> its first record: each distinct prompt once
     for m in messages:
         ids = data.render_chat(enc, m, add_generation_prompt=True)[0]
-        if len(ids) + args.max_new_tokens <= config.block_size and tuple(ids) not in seen:
-            seen.add(tuple(ids))
-            rows.append({"messages": m, "ids": ids})
+        if len(ids) + args.max_new_tokens <= config.block_size:
+            rows.setdefault(tuple(ids), {"messages": m, "ids": ids})
+    rows = list(rows.values())
     log(f"{len(messages):,} prompts from {args.prompts}: {len(rows):,} distinct that fit "
         f"{config.block_size} - {args.max_new_tokens} tokens")
     if not rows:
         sys.exit(f"error: {args.prompts}: no prompt fits the context with --max-new-tokens {args.max_new_tokens}")
     sampler = data.ExampleSampler(rows, args.batch_size // args.group_size, args.seed)
     world_dir = data.world_of(args.prompts)
+    world = data.load_world(world_dir) if world_dir else None
+    reply_text = lambda ids: data.decode(enc, [t for t in ids if t != end])  # a response's text, without <|end|>
     if args.reward == "world" and reward_fn is None:
-        if world_dir is None:
+        if world is None:
             sys.exit(f"error: --reward world needs the world's prompts (world.json beside {args.prompts})")
-        rule = world_rule(data.load_world(world_dir))
-        reward_fn = lambda m, response: rule(m, data.decode(enc, [t for t in response if t != end]))
+        rule = world_rule(world)
+        reward_fn = lambda m, response: rule(m, reply_text(response))
     # the gold reward: the world's annotator (the truth the reward model only estimates), logged next to
     # the score PPO optimises; when the score rises and the gold falls, the reward model is being
     # exploited (Gao et al. 2022, "Scaling laws for reward model overoptimization")
-    annotate = data.world_annotator(data.load_world(world_dir)) if world_dir else None
+    annotate = data.world_annotator(world) if world else None
 
     @torch.no_grad()
     def rollout(batch):
@@ -433,23 +420,19 @@ def main(argv=None, reward_fn=None):
         # [d3] old log-probs, π_ref's log-probs and values: one forward pass each, after generation
         with rt.autocast():
             logprobs = response_logprobs(policy, seq, attn, n_prompt, args.temperature)
-            if reference is not None:
-                ref_logprobs = response_logprobs(reference, seq, attn, n_prompt, args.temperature)
-            else:
-                with lora_disabled(policy):
-                    ref_logprobs = response_logprobs(policy, seq, attn, n_prompt, args.temperature)
+            with lora_disabled(policy) if reference is None else contextlib.nullcontext():  # LoRA: π_ref = base
+                ref_logprobs = response_logprobs(reference or policy, seq, attn, n_prompt, args.temperature)
             values = response_values(value, seq, attn, n_prompt) if value is not None else torch.zeros_like(logprobs)
             if rm is not None:  # [d6] the reward model's score at each sequence's last real token
                 score = last_token(rm.scores(seq, attn), attn)
+        replies = [ids[:n] for ids, n in zip(response.tolist(), length.tolist())]  # token ids, <|end|> included
         if rm is None:
-            score = torch.tensor([reward_fn(r["messages"], ids[:n]) for r, ids, n in
-                                  zip(batch, response.tolist(), length.tolist())], device=rt.device)
+            score = torch.tensor([reward_fn(r["messages"], ids) for r, ids in zip(batch, replies)], device=rt.device)
         if args.missing_end_penalty is not None:  # [d5]
             score = torch.where(ended, score.float(), args.missing_end_penalty)
-        gold = [annotate(r["messages"], [data.decode(enc, [t for t in ids[:n] if t != end])])[0]
-                for r, ids, n in zip(batch, response.tolist(), length.tolist())] if annotate else [float("nan")]
-        return dict(seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs,
-                    gold=torch.tensor(gold, dtype=torch.float), ref_logprobs=ref_logprobs, values=values.float(), score=score, ended=ended.float(),
+        gold = [annotate(r["messages"], [reply_text(ids)])[0] for r, ids in zip(batch, replies)] if annotate else [float("nan")]
+        return dict(seq=seq, attn=attn, n_prompt=n_prompt, mask=mask.float(), logprobs=logprobs, ref_logprobs=ref_logprobs,
+                    values=values.float(), score=score, gold=torch.tensor(gold, dtype=torch.float), ended=ended.float(),
                     length=length.float(), t_generate=t1 - t0, t_score=time.perf_counter() - t1)
 
     # ---- optimizers: one per network -----------------------------------------------------------------
@@ -464,6 +447,7 @@ def main(argv=None, reward_fn=None):
             value_optimizer.load_state_dict(resume["value_optimizer"])
             value_scaler.load_state_dict(resume["value_scaler"])
         kl_coef = resume["kl_coef"]
+        set_rng_state(resume["rng"], rt.device)  # last: no set-up work draws from the random streams after it
         log(f"resuming from {ckpt_path} at step {step}, β {kl_coef:.4f}")
 
     def checkpoint():
@@ -475,22 +459,21 @@ def main(argv=None, reward_fn=None):
 
     def evaluate():
         """The world's held-out metrics, when the prompts are the world's."""
-        if world_dir is None:
+        if world is None:
             return {}
-        scores = data.evaluate_world(policy, enc, data.load_world(world_dir), True, rt.device, rt.autocast)
+        scores = data.evaluate_world(policy, enc, world, True, rt.device, rt.autocast)
         log(f"step {step}/{args.max_steps} | world: {data.format_world_metrics(scores)}")
         return {f"world/{k}": v for k, v in scores.items() if isinstance(v, float)}
 
-    if resume:
-        set_rng_state(resume["rng"], rt.device)
-
     # ---- training loop: evaluate -> checkpoint -> rollout -> advantages -> updates -> log -------------
-    stopped_early = False
+    # [d11] PPO and GRPO: epochs of minibatches, the ratio to the rollout's policy clipped; RLOO: one
+    # gradient step on the whole batch, from the policy that sampled it (REINFORCE needs no ratio)
+    epochs, minibatches = (1, 1) if args.algo == "rloo" else (args.ppo_epochs, args.minibatches)
+    vf_loss = vf_clipfrac = torch.zeros(())  # stay 0 without a value model (GRPO, RLOO)
+    names = ["policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac", "entropy", "grad_norm"]
+    stopped = False
     with GracefulStop(log) as stop, tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True) as bar:
-        while True:
-            if step >= args.max_steps:  # >=: a --resume past --max-steps ends too
-                checkpoint()
-                break
+        while step < args.max_steps and not stopped:  # a --resume past --max-steps ends at once
             if step % args.eval_every == 0:
                 append_jsonl(log_path, {"step": step, **evaluate()})
                 if step > 0:
@@ -502,11 +485,8 @@ def main(argv=None, reward_fn=None):
             kl = kl_per_token(r["logprobs"], r["ref_logprobs"], args.kl_estimator) * mask       # (B, L)
             advantages, returns = compute_advantages(args.algo, r["score"], kl, mask, r["values"], kl_coef,
                                                      args.group_size, args.gamma, args.lam, not args.no_std_scale)
-
-            # [d11] PPO and GRPO: epochs of minibatches, the ratio to the rollout's policy clipped; RLOO: one
-            # gradient step on the whole batch, from the policy that sampled it (REINFORCE needs no ratio)
+            step_lr, step_value_lr = (get_lr(step, x, args.warmup_steps, args.max_steps) for x in (lr, value_lr))
             stats = []
-            epochs, minibatches = (1, 1) if args.algo == "rloo" else (args.ppo_epochs, args.minibatches)
             for _ in range(epochs):
                 for mb in torch.randperm(len(mask), device=rt.device).chunk(minibatches):
                     seq, attn, m = r["seq"][mb], r["attn"][mb], mask[mb]
@@ -517,63 +497,55 @@ def main(argv=None, reward_fn=None):
                     else:
                         pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, r["logprobs"][mb], advantages[mb], m,
                                                                        args.clip_range, args.loss_average)
-                    loss, vf_loss, vf_clipfrac = pg_loss, torch.zeros(()), torch.zeros(())
+                    loss = pg_loss
                     if args.algo == "grpo":  # GRPO, Eq. 3: + β·KL(π‖π_ref), k3 on the sampled tokens
-                        loss = loss + kl_coef * average_tokens(kl_per_token(logprobs, r["ref_logprobs"][mb], "k3"),
-                                                               m, args.loss_average)
+                        k3 = kl_per_token(logprobs, r["ref_logprobs"][mb], "k3")
+                        loss = loss + kl_coef * average_tokens(k3, m, args.loss_average)
                     rt.scaler.scale(loss).backward()
-                    grad_norm = optimizer_step(optimizer, rt.scaler, get_lr(step, lr, args.warmup_steps, args.max_steps),
-                                               args.grad_clip)
+                    grad_norm = optimizer_step(optimizer, rt.scaler, step_lr, args.grad_clip)
                     if value is not None:
                         with rt.autocast():
                             values = response_values(value, seq, attn, n_prompt)
-                        vf_loss, vf_clipfrac = ppo_value_loss(values, r["values"][mb], returns[mb], m,
-                                                              args.value_clip_range)
+                        vf_loss, vf_clipfrac = ppo_value_loss(values, r["values"][mb], returns[mb], m, args.value_clip_range)
                         value_scaler.scale(vf_loss).backward()
-                        optimizer_step(value_optimizer, value_scaler, get_lr(step, value_lr, args.warmup_steps,
-                                                                             args.max_steps), args.grad_clip)
+                        optimizer_step(value_optimizer, value_scaler, step_value_lr, args.grad_clip)
                     stats.append([pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item(), vf_clipfrac.item(),
                                   masked_mean(entropy, m).item(), grad_norm])
             check_finite(stats[-1][0] + stats[-1][1], step, ckpt_path)
             seq_kl = kl.sum(1).mean().item()  # KL(π‖π_ref) per response, the controller's input
-            if args.target_kl > 0 and args.algo != "grpo":  # β of a KL in the reward
+            if args.target_kl > 0 and args.algo != "grpo":  # [d12] β of a KL in the reward
                 kl_coef = update_kl_coef(kl_coef, seq_kl, args.target_kl)
             step += 1
 
             t_train = time.perf_counter() - t0
-            mean = torch.tensor(stats).mean(0).tolist()
+            mean = dict(zip(names, torch.tensor(stats).mean(0).tolist()))  # over the step's minibatches
             dt = r["t_generate"] + r["t_score"] + t_train
             # the spread of scores within each prompt's group of samples (0 everywhere for PPO's groups of 1)
             group_std = r["score"].view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(1)
             record = {"ppo/score": r["score"].mean().item(), "ppo/kl": seq_kl, "ppo/kl_coef": kl_coef,
                       "ppo/gold": r["gold"].mean().item(), "ppo/gold_good": (r["gold"] > 0).float().mean().item(),
-                      "ppo/policy_loss": mean[0], "ppo/value_loss": mean[1], "ppo/clipfrac": mean[2],
-                      "ppo/approx_kl": mean[3], "ppo/value_clipfrac": mean[4], "ppo/entropy": mean[5],
-                      "ppo/grad_norm": mean[6], "ppo/length": r["length"].mean().item(),
+                      **{f"ppo/{k}": v for k, v in mean.items()}, "ppo/length": r["length"].mean().item(),
                       "ppo/ended": r["ended"].mean().item(), "time/generate": r["t_generate"],
                       "ppo/score_std": group_std.mean().item(),
                       "ppo/zero_spread": (group_std == 0).float().mean().item() if args.group_size > 1 else 0.0,
                       "time/score": r["t_score"], "time/train": t_train}
-            n_tokens = mask.sum().item()
             bar.update(1)
             bar.set_postfix(score=f"{record['ppo/score']:.2f}", gold=f"{record['ppo/gold']:.2f}", kl=f"{seq_kl:.2f}",
-                            tok_s=f"{n_tokens / dt:,.0f}")
+                            tok_s=f"{mask.sum().item() / dt:,.0f}")
             if step % args.log_every == 0 or step == 1:
                 group = f"group std {record['ppo/score_std']:.3f} | zero spread {record['ppo/zero_spread']:.0%} | " \
                     if args.group_size > 1 else ""
                 log(f"step {step}/{args.max_steps} | score {record['ppo/score']:.3f} | gold {record['ppo/gold']:.3f} | "
-                    f"kl {seq_kl:.3f} | β {kl_coef:.4f} | "
-                    f"{group}policy loss {mean[0]:.4f} | value loss {mean[1]:.4f} | clipfrac {mean[2]:.3f} | "
-                    f"approx kl {mean[3]:.4f} | entropy {mean[5]:.2f} | length {record['ppo/length']:.1f} | "
+                    f"kl {seq_kl:.3f} | β {kl_coef:.4f} | {group}policy loss {mean['policy_loss']:.4f} | "
+                    f"value loss {mean['value_loss']:.4f} | clipfrac {mean['clipfrac']:.3f} | approx kl "
+                    f"{mean['approx_kl']:.4f} | entropy {mean['entropy']:.2f} | length {record['ppo/length']:.1f} | "
                     f"ended {record['ppo/ended']:.0%} | {dt * 1000:.0f} ms (generate {r['t_generate'] / dt:.0%}, "
                     f"score {r['t_score'] / dt:.0%}, train {t_train / dt:.0%})")
             append_jsonl(log_path, {"step": step, **record})  # every step: the curves of score, gold and KL
-            if stop.requested or step == args.stop_at:
-                checkpoint()
-                stopped_early = True
-                break
+            stopped = stop.requested or step == args.stop_at
+        checkpoint()
 
-    if stopped_early:
+    if stopped:
         log(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with the same command plus --resume")
         return {"step": step}
     result = {"step": step, "kl_coef": kl_coef}
