@@ -188,6 +188,10 @@ def main(argv=None):
         f"identical or empty skipped, {n_dropped:,} dropped (a response over the context)")
     if len(rows) < 2:
         sys.exit(f"error: {args.data}: fewer than 2 usable pairs")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = max(1, int(len(rows) * args.val_fraction))
+    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+    train = data.ExampleSampler(train_rows, args.batch_size, args.seed)  # fingerprints the pairs (π_ref comes later)
     pad = enc.eot_token
 
     def policy_logps(batch, logprobs_of=model.logprobs_of):
@@ -230,10 +234,6 @@ def main(argv=None):
                if args.sft_coef > 0 else f"pure DPO ({args.loss}, β={args.beta})")
     log(f"{trained} on {args.data} from {args.init_from}: "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters on {rt.device} ({rt.why})")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = max(1, int(len(rows) * args.val_fraction))
-    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
-    train = data.ExampleSampler(train_rows, args.batch_size, args.seed)
 
     def pair_metrics(batch, logprobs_of=model.logprobs_of):
         """Per-pair losses (for backward) and DPO's implicit-reward statistics (per pair, detached)."""

@@ -181,9 +181,6 @@ def main(argv=None):
     train = data.ExampleSampler(rows, args.batch_size, args.seed)
     log(f"{len(train_examples):,} train / {len(val_examples):,} val examples"
         + (f", packed into {len(rows):,} rows of {config.block_size + 1}" if args.pack else ""))
-    if resume and resume.get("n_rows", len(rows)) != len(rows):  # the sampler's position counts these rows
-        sys.exit(f"error: --resume: {args.data} gives {len(rows):,} training rows, the checkpoint's run had "
-                 f"{resume['n_rows']:,}: the data changed, so the run cannot continue where it stopped")
 
     # ---- optimizer and schedule ------------------------------------------------------------------
     optimizer = configure_optimizer(model, lr, args.weight_decay, device_type=rt.device.type)
@@ -196,7 +193,7 @@ def main(argv=None):
         if not rt.master:  # the ranks hold the same weights; rank 0 writes them
             return
         save_stage(args.out, model, args.init_from if args.lora_r else None, fingerprint, model_config=asdict(config),
-                   tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True, n_rows=len(rows),
+                   tokenizer=tokenizer, args=vars(args), step=step, stage="sft", chat=True,
                    **training_state(optimizer, rt.scaler, train, rt.device))
 
     def write_log(record):

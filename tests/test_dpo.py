@@ -157,6 +157,17 @@ def test_dpo_resume_is_exact(tiny_sft, pairs_file, tmp_path, monkeypatch):
         assert f"--resume: --{flag} {saved} from the checkpoint (the command line gave {given})" in said
 
 
+def test_resume_on_pairs_changed_in_place_is_a_one_line_error(tiny_sft, pairs_file, tmp_path):
+    """The same path, other pairs (as many): the sampler's position means nothing on them."""
+    pairs = tmp_path / "pairs.jsonl"
+    lines = open(pairs_file).readlines()
+    pairs.write_text("".join(lines))
+    dpo.main(dpo_args(tiny_sft, str(pairs), tmp_path / "run", "--max-steps", "4", "--stop-at", "2"))
+    pairs.write_text("".join(lines[1:] + lines[:1]))  # the same pairs in another order: other rows for each index
+    with pytest.raises(SystemExit, match="the data changed"):
+        dpo.main(dpo_args(tiny_sft, str(pairs), tmp_path / "run", "--max-steps", "4", "--resume"))
+
+
 @pytest.mark.slow  # two processes
 def test_ddp_matches_one_process(tiny_sft, pairs_file, tmp_path):
     """torchrun, 2 gloo processes, 4 pairs a step (2 each) == 1 process, 4 pairs a step: each rank's loss is

@@ -119,6 +119,17 @@ def test_reward_resume_is_exact(tiny_sft, property_pairs, tmp_path):
     assert_resumed_exactly(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
+def test_resume_on_comparisons_changed_in_place_is_a_one_line_error(tiny_sft, property_pairs, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    lines = open(property_pairs).readlines()
+    pairs.write_text("".join(lines))
+    common = ["--max-steps", "4", "--offset-prompts", "0"]
+    reward.main(rm_args(tiny_sft, str(pairs), tmp_path / "run", *common, "--stop-at", "2"))
+    pairs.write_text("".join(lines[:-1] + [lines[-1].replace("Question", "Query")]))  # one prompt edited
+    with pytest.raises(SystemExit, match="the data changed"):
+        reward.main(rm_args(tiny_sft, str(pairs), tmp_path / "run", *common, "--resume"))
+
+
 @pytest.mark.slow  # two processes
 def test_ddp_matches_one_process(tiny_sft, tmp_path):
     """torchrun, 2 gloo processes, 4 prompts a step (2 each) == 1 process, 4 prompts a step, with rankings of
