@@ -19,15 +19,15 @@ Shape letters used in comments throughout the repository:
   Hkv key/value heads, V vocabulary size; Tp and Tr when prompt and response are split.
 
 Contents (section: lines). The network first, then loading and saving it, then what training loops need:
-  config: 54-159               IGNORE_INDEX, FAMILIES, HF_ARCHITECTURES, GPTConfig
-  building blocks: 162-404     norms, RoPE, KVCache, attention_mask, CausalSelfAttention, MLP, Block
-  the model: 407-689           GPT: forward, hidden states, the reward/value head, generation
-  losses and sampling: 692-764 token_logprobs, cross_entropy, entropy_from_logits, masked_mean,
+  config: 55-160               IGNORE_INDEX, FAMILIES, HF_ARCHITECTURES, GPTConfig
+  building blocks: 163-405     norms, RoPE, KVCache, attention_mask, CausalSelfAttention, MLP, Block
+  the model: 408-690           GPT: forward, hidden states, the reward/value head, generation
+  losses and sampling: 693-765 token_logprobs, cross_entropy, entropy_from_logits, masked_mean,
                                masked_whiten, last_token, sample_next
-  checkpoints: 767-944         atomic_write, claim_out_dir, save_checkpoint, load_checkpoint, load_model
-  Hugging Face: 947-1267       from_pretrained and save_pretrained, config.json, the name table
-  training runtime: 1270-1554  get_lr, GracefulStop, RNG state, configure_optimizer, optimizer_step,
-                               training state, argparse types, Runtime, setup_runtime, peak_flops
+  checkpoints: 768-945         atomic_write, claim_out_dir, save_checkpoint, load_checkpoint, load_model
+  Hugging Face: 948-1268       from_pretrained and save_pretrained, config.json, the name table
+  training runtime: 1271-1587  get_lr, GracefulStop, RNG state, configure_optimizer, optimizer_step, training
+                               state, argparse types, Runtime, setup_runtime, data_parallel, peak_flops
 """
 
 import contextlib
@@ -1450,6 +1450,15 @@ class Runtime:
     @property
     def master(self):
         return self.rank == 0
+
+    def anyone(self, flag):
+        """True on every rank if it is True on any (in one process: flag). A loop's stop (Ctrl-C, SIGTERM,
+        --stop-at) is taken together: a rank that stopped alone would wait in the next all-reduce forever."""
+        if not self.ddp:
+            return bool(flag)
+        t = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):

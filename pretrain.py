@@ -281,13 +281,7 @@ def main(argv=None):
                     f" | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s | mfu {mfu:.1%}")
                 write_log({"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                            "dt_ms": dt * 1000, "tok_per_s": tok_s, "mfu": mfu})
-            stopping = stop.requested or step == args.stop_at
-            if rt.ddp:  # stop together: a rank that saw the signal one step later would enter the next
-                # all-reduce alone and hang, and rank 0 (which saves) may be that rank
-                flag = torch.tensor(float(stopping), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if stopping:
+            if rt.anyone(stop.requested or step == args.stop_at):  # under torchrun all ranks stop together
                 checkpoint()
                 stopped_early = True
                 break

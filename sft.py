@@ -284,12 +284,7 @@ def main(argv=None):
                     f" | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s")
                 write_log({"step": step, "train/loss": train_loss, "lr": step_lr, "grad_norm": grad_norm,
                            "dt_ms": dt * 1000, "tok_per_s": n_tokens / dt})
-            stopping = stop.requested or step == args.stop_at
-            if rt.ddp:  # stop together: a rank that stopped alone would leave the others waiting forever
-                flag = torch.tensor(float(stopping), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if stopping:
+            if rt.anyone(stop.requested or step == args.stop_at):  # under torchrun all ranks stop together
                 checkpoint()
                 stopped_early = True
                 break

@@ -967,3 +967,15 @@ def test_a_missing_gpt2_directory_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as other:
         model.load_model("elsewhere")
     assert "huggingface-cli" not in str(other.value)
+
+
+def test_the_docstring_table_of_contents_points_at_the_sections():
+    """model.py's contents table: each range starts at a section banner and ends where the next begins."""
+    import re
+    path = model.__file__
+    lines = open(path, encoding="utf-8").read().split("\n")
+    banners = [i + 1 for i, line in enumerate(lines) if line.startswith("# ----")]
+    ranges = [tuple(map(int, m)) for m in re.findall(r"^  [a-zA-Z ]+: (\d+)-(\d+)", model.__doc__, re.M)]
+    assert [a for a, _ in ranges] == banners
+    ends = [b - 3 for b in banners[1:]] + [len(lines) - 1]  # two blank lines before each banner; a final newline
+    assert [b for _, b in ranges] == ends
