@@ -22,6 +22,8 @@ import contextlib
 import glob
 import hashlib
 import heapq
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -1604,6 +1606,23 @@ def read_preference_pairs(path):
     return pairs, counts
 
 
+def group_comparisons(rows):
+    """Preference rows (prompt_ids, chosen_ids, rejected_ids, kind, key) as prompts with their answers:
+    [{"prompt", "answers": [ids, ...] each distinct answer once, "comparisons": [(winner, loser, kind)]}],
+    rows with the same key (a file and its "group") together; a row with no group is its own prompt."""
+    groups = {}
+    for prompt, chosen, rejected, kind, key in rows:
+        g = groups.setdefault(key, {"prompt": prompt, "answers": [], "index": {}, "comparisons": []})
+        if len(prompt) < len(g["prompt"]):  # prompts cut to fit differently: keep the shortest for all
+            g["prompt"] = prompt
+        for answer in (chosen, rejected):
+            if tuple(answer) not in g["index"]:
+                g["index"][tuple(answer)] = len(g["answers"])
+                g["answers"].append(answer)
+        g["comparisons"].append((g["index"][tuple(chosen)], g["index"][tuple(rejected)], kind))
+    return [{k: v for k, v in g.items() if k != "index"} for g in groups.values()]
+
+
 def render_pair(enc, pair):
     """(prompt_ids, chosen_ids, rejected_ids) of a pair: the prompt through the chat template, ending
     with the assistant's marker, and each reply's tokens followed by the end of the turn (end_of_turn).
@@ -1856,6 +1875,31 @@ def world_annotator(world):
         return 2 if names and names <= set(re.findall(r"[\w'-]+", question)) else 1
 
     return lambda messages, answers: [grade(messages[-1]["content"], answer) for answer in answers]
+
+
+def load_annotator(spec, prompts_path):
+    """reward.py's --annotator: "world" (world_annotator of the world the prompts belong to) or "file.py:name" /
+    "module:name", a function (prompt messages, answers) -> one grade per answer, higher is better."""
+    if spec == "world":
+        world_dir = world_of(prompts_path)
+        if world_dir is None:
+            raise ValueError(f"--annotator world needs the world's prompts (world.json beside {prompts_path}); "
+                             "give --annotator FILE.py:FUNCTION for other prompts")
+        return world_annotator(load_world(world_dir))
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"--annotator {spec!r}: give 'world', FILE.py:FUNCTION or MODULE:FUNCTION")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("annotator", where)
+        if module_spec is None or not os.path.isfile(where):
+            raise ValueError(f"--annotator: no such file {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not callable(getattr(module, name, None)):
+        raise ValueError(f"--annotator: {where} has no function {name}")
+    return getattr(module, name)
 
 
 def completes_with(text, capital):

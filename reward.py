@@ -49,8 +49,6 @@ Writes: OUT/feedback.jsonl (collected comparisons), OUT/ckpt.pt (a scoring model
 """
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import random
@@ -104,38 +102,13 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef
 
 def comparisons_of(grades):
     """A ranking with ties as its comparisons: (winner, loser) index pairs for every two answers whose
-    grades differ, pair by pair in index order: [2, 0, 2, 1] -> (0, 1), (0, 3), (3, 1), (2, 1), (2, 3); a tie gives none."""
+    grades differ, pairs (i, j), i < j, in order: [2, 0, 2, 1] -> (0, 1), (0, 3), (2, 1), (3, 1), (2, 3); a tie gives none."""
     pairs = []
     for i in range(len(grades)):
         for j in range(i + 1, len(grades)):
             if grades[i] != grades[j]:
                 pairs.append((i, j) if grades[i] > grades[j] else (j, i))
     return pairs
-
-
-def load_annotator(spec, prompts_path):
-    """--annotator: "world" (data.world_annotator of the world the prompts belong to) or "file.py:name" /
-    "module:name", a function (prompt messages, answers) -> one grade per answer, higher is better."""
-    if spec == "world":
-        world_dir = data.world_of(prompts_path)
-        if world_dir is None:
-            raise ValueError(f"--annotator world needs the world's prompts (world.json beside {prompts_path}); "
-                             "give --annotator FILE.py:FUNCTION for other prompts")
-        return data.world_annotator(data.load_world(world_dir))
-    where, _, name = spec.rpartition(":")
-    if not where or not name:
-        raise ValueError(f"--annotator {spec!r}: give 'world', FILE.py:FUNCTION or MODULE:FUNCTION")
-    if where.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("annotator", where)
-        if module_spec is None or not os.path.isfile(where):
-            raise ValueError(f"--annotator: no such file {where}")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    if not callable(getattr(module, name, None)):
-        raise ValueError(f"--annotator: {where} has no function {name}")
-    return getattr(module, name)
 
 
 def collect_feedback(policies, enc, prompts, annotate, k, temperature, max_new_tokens, rt, seed, label_noise=0.0,
@@ -190,23 +163,6 @@ def collect_feedback(policies, enc, prompts, annotate, k, temperature, max_new_t
              "comparisons": len(records), "prompts_with_comparisons": len({r["group"] for r in records}),
              "mean_grade": sum(grades_seen) / max(1, len(grades_seen)), "grades": histogram}
     return records, stats
-
-
-def group_comparisons(rows):
-    """Preference rows (prompt_ids, chosen_ids, rejected_ids, kind, key) as prompts with their answers:
-    [{"prompt", "answers": [ids, ...] each distinct answer once, "comparisons": [(winner, loser, kind)]}],
-    rows with the same key (a file and its "group") together; a row with no group is its own prompt."""
-    groups = {}
-    for prompt, chosen, rejected, kind, key in rows:
-        g = groups.setdefault(key, {"prompt": prompt, "answers": [], "index": {}, "comparisons": []})
-        if len(prompt) < len(g["prompt"]):  # prompts cut to fit differently: keep the shortest for all
-            g["prompt"] = prompt
-        for answer in (chosen, rejected):
-            if tuple(answer) not in g["index"]:
-                g["index"][tuple(answer)] = len(g["answers"])
-                g["answers"].append(answer)
-        g["comparisons"].append((g["index"][tuple(chosen)], g["index"][tuple(rejected)], kind))
-    return [{k: v for k, v in g.items() if k != "index"} for g in groups.values()]
 
 
 def get_args(argv=None):
@@ -302,7 +258,7 @@ def main(argv=None):
     if args.collect_from:
         if not resume and rt.master:
             try:
-                annotate = load_annotator(args.annotator, args.prompts)
+                annotate = data.load_annotator(args.annotator, args.prompts)
                 prompts = data.read_prompts(args.prompts)
                 policies = []
                 for path in args.collect_from:
@@ -347,7 +303,7 @@ def main(argv=None):
             n_dropped += fitted is None
             if fitted is not None:
                 rows.append((*fitted, pair.get("kind", "all"), (f, pair.get("group", ("pair", i)))))
-    groups = group_comparisons(rows)
+    groups = data.group_comparisons(rows)
     log(f"{read:,} comparisons from {', '.join(files)}: {len(rows):,} used in {len(groups):,} prompts, {n_cut:,} "
         f"prompts cut, {n_dropped:,} dropped (a response over {model.config.block_size} tokens)")
     if len(groups) < 2:

@@ -21,7 +21,8 @@ import data
 import model
 import reward
 from conftest import assert_resumed_exactly, assert_same_training, torchrun
-from reward import bradley_terry_loss, group_comparisons
+from data import group_comparisons
+from reward import bradley_terry_loss
 from sample import best_of_n
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
