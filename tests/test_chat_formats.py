@@ -15,6 +15,7 @@ import json
 
 import pytest
 
+import bpe
 import data
 from model import IGNORE_INDEX
 
@@ -79,7 +80,7 @@ def model_dirs(tmp_path_factory):
 
 
 def ours(path):
-    tok = data.hf_bpe_tokenizer(path)
+    tok = bpe.hf_bpe_tokenizer(path)
     tok["chat_format"] = data.hf_chat_format(path, tok["special_tokens"])
     return data.get_encoding(tok)
 

@@ -113,9 +113,10 @@ def bpe_tokenizer_json(tmp_path, split_regex=None):
 
 @pytest.mark.parametrize("split_regex", [None, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"])
 def test_byte_level_bpe_encodes_as_the_tokenizers_library(tmp_path, split_regex):
+    import bpe
     import data
     reference = bpe_tokenizer_json(tmp_path, split_regex)
-    tok = data.hf_bpe_tokenizer(str(tmp_path))
+    tok = bpe.hf_bpe_tokenizer(str(tmp_path))
     enc = data.get_encoding(tok)
     for text in MULTILINGUAL + ["unseen: Wörterbuch ĳ ∑ 你好 \u200d"]:
         assert data.encode(enc, text) == reference.encode(text).ids, text
@@ -175,15 +176,16 @@ def test_llama3_rope_scaling_round_trips_through_export(tmp_path):
 @pytest.mark.parametrize("which", ["world", "gpt2"])
 def test_exported_tokenizer_json_encodes_as_ours(tmp_path, which):
     import os
+    import bpe
     import data
     tokenizers = pytest.importorskip("tokenizers")
     tok = data.gpt2_tokenizer() if which == "gpt2" else data.load_tokenizer(os.path.join(data.DATA_DIR, "world", "tokenizer.json"))
-    data.save_hf_tokenizer(tok, str(tmp_path))
+    bpe.save_hf_tokenizer(tok, str(tmp_path))
     theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     enc = data.get_encoding(tok)
     for text in MULTILINGUAL + ["The capital of France is Paris.", "  two  spaces\n\nand a line"]:
         assert theirs.encode(text, add_special_tokens=False).ids == data.encode(enc, text), text
         assert theirs.decode(data.encode(enc, text)) == text
     # and back: the exported file read as a model directory's tokenizer gives the same encoding
-    again = data.get_encoding(data.hf_bpe_tokenizer(str(tmp_path)))
+    again = data.get_encoding(bpe.hf_bpe_tokenizer(str(tmp_path)))
     assert again.encode_ordinary(MULTILINGUAL[3]) == data.encode(enc, MULTILINGUAL[3])

@@ -1,4 +1,4 @@
-"""SentencePiece-style BPE (data.sp_bpe_tokenizer, data.SentencePieceBPE) against Hugging Face's tokenizers.
+"""SentencePiece-style BPE (bpe.sp_bpe_tokenizer, bpe.SentencePieceBPE) against Hugging Face's tokenizers.
 
 Small tokenizers are trained here in each structure the real files have (Llama 2 / TinyLlama / Mistral v0.1's
 Prepend + Replace normalizer, the newer Metaspace pre-tokenizer, Gemma's Replace + Split) and encoded
@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 
+import bpe
 import data
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -161,7 +162,7 @@ def ours(spec, tmp_path):
     path = tmp_path / "tok"
     path.mkdir(exist_ok=True)
     (path / "tokenizer.json").write_text(json.dumps(spec))
-    return data.get_encoding(data.sp_bpe_tokenizer(spec, str(path / "tokenizer.json")))
+    return data.get_encoding(bpe.sp_bpe_tokenizer(spec, str(path / "tokenizer.json")))
 
 
 def assert_same_as_library(enc, tk, texts):
@@ -181,8 +182,8 @@ def test_export_reads_back_in_the_library_to_the_same_ids(style, tmp_path):
     spec = sp_spec(style)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "tokenizer.json").write_text(json.dumps(spec))
-    tok = data.sp_bpe_tokenizer(spec, str(tmp_path / "src" / "tokenizer.json"))
-    data.save_hf_tokenizer(tok, str(tmp_path / "out"))
+    tok = bpe.sp_bpe_tokenizer(spec, str(tmp_path / "src" / "tokenizer.json"))
+    bpe.save_hf_tokenizer(tok, str(tmp_path / "out"))
     back = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     back.encode_special_tokens = True
     assert_same_as_library(data.get_encoding(tok), back, CORPUS)
@@ -194,7 +195,7 @@ def test_export_reads_back_in_the_library_to_the_same_ids(style, tmp_path):
 def test_ids_and_text_match_the_library(style, tmp_path):
     spec = sp_spec(style)
     enc, tk = ours(spec, tmp_path), library(spec)
-    assert isinstance(enc, data.SentencePieceBPE)
+    assert isinstance(enc, bpe.SentencePieceBPE)
     lines = CORPUS + [TEXT, TEXT[5:400], " ".join(CORPUS[::-1])]
     assert_same_as_library(enc, tk, lines)
     # decode(encode(text)) gives the text back wherever the library's does (byte fallback and a prefix
@@ -280,7 +281,7 @@ def test_added_tokens_that_are_not_special_are_matched_in_text(tmp_path):
 def test_split_on_a_string_matches_the_library(behavior, tmp_path):
     split = tokenizers.pre_tokenizers.Split(" ", behavior.lower().replace("with", "_with_"))
     for text in ["How are  you?", "  lead", "trail  ", "a b   c", " ", "   ", "none"]:
-        assert data._split_on(text, " ", behavior) == [p for p, _ in split.pre_tokenize_str(text)], text
+        assert bpe._split_on(text, " ", behavior) == [p for p, _ in split.pre_tokenize_str(text)], text
     spec = change(sp_spec("llama_legacy"), ("pre_tokenizer",), {"type": "Split", "pattern": {"String": " "},
                                                                  "behavior": behavior, "invert": False})
     spec["normalizer"] = None  # so that the spaces reach the pre-tokenizer (they become byte tokens)
@@ -289,7 +290,7 @@ def test_split_on_a_string_matches_the_library(behavior, tmp_path):
 
 def test_the_dict_survives_json_and_a_checkpoint(tmp_path):
     spec = sp_spec("mistral_v3")
-    tok = data.sp_bpe_tokenizer(spec, str(tmp_path))
+    tok = bpe.sp_bpe_tokenizer(spec, str(tmp_path))
     assert json.loads(json.dumps(tok)) == tok
     torch.save({"tokenizer": tok}, tmp_path / "ckpt.pt")
     again = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
@@ -353,7 +354,7 @@ REFUSED = [
 @pytest.mark.parametrize("where,value,field", REFUSED, ids=[r[2] + ":" + json.dumps(r[1])[:30] for r in REFUSED])
 def test_unsupported_options_are_refused_by_name(where, value, field, tmp_path):
     with pytest.raises(data.DataError, match=f"^{re.escape(str(tmp_path))}: {field}"):
-        data.sp_bpe_tokenizer(change(sp_spec("llama_legacy"), where, value), str(tmp_path))
+        bpe.sp_bpe_tokenizer(change(sp_spec("llama_legacy"), where, value), str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +406,7 @@ def test_real_mistral_tokenizers_match_the_library(model_name, legacy, tmp_path)
         assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
     else:
         assert spec["normalizer"] is None and spec["pre_tokenizer"]["prepend_scheme"] == "first"
-    tok = data.sp_bpe_tokenizer(spec, str(tmp_path / "mistral" / "tokenizer.json"))
+    tok = bpe.sp_bpe_tokenizer(spec, str(tmp_path / "mistral" / "tokenizer.json"))
     assert (tok["bos_token"], tok["eos_token"], tok["name"]) == ("<s>", "</s>", "mistral")
     enc, tk = data.get_encoding(tok), library(spec)
     controls = [t["content"] for t in spec["added_tokens"]][:40]

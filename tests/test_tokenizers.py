@@ -1,6 +1,6 @@
 """
-Hugging Face byte-level BPE tokenizers imported exactly or refused (data.hf_bpe_tokenizer, data.HFByteLevelBPE,
-data.save_hf_tokenizer), checked against Hugging Face's tokenizers library on a varied corpus: English, code,
+Hugging Face byte-level BPE tokenizers imported exactly or refused (bpe.hf_bpe_tokenizer, bpe.HFByteLevelBPE,
+bpe.save_hf_tokenizer), checked against Hugging Face's tokenizers library on a varied corpus: English, code,
 Chinese, Japanese, emoji, decomposed accents, runs of spaces and digits, contractions, and the text of
 special tokens (which stays text, as tokenizers does with encode_special_tokens=True).
 
@@ -20,6 +20,7 @@ import os
 
 import pytest
 
+import bpe
 import data
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -93,7 +94,7 @@ def library(path):
 
 def assert_same_as_library(path, texts=CORPUS):
     """hf_bpe_tokenizer(path) encodes and decodes each text as tokenizers does; returns (tok, enc)."""
-    tok = data.hf_bpe_tokenizer(str(path))
+    tok = bpe.hf_bpe_tokenizer(str(path))
     enc, ref = data.get_encoding(tok), library(path)
     for text in texts:
         ids = ref.encode(text, add_special_tokens=False).ids
@@ -169,11 +170,11 @@ def test_merges_tiktoken_cannot_follow_are_refused(tmp_path):
     swapped = json.loads(json.dumps(spec))
     swapped["model"]["merges"][10:12] = merges[11], merges[10]  # two merges whose ids are out of order
     with pytest.raises(data.DataError, match="id order"):
-        data.hf_bpe_tokenizer(str(write(tmp_path / "swapped", swapped)))
+        bpe.hf_bpe_tokenizer(str(write(tmp_path / "swapped", swapped)))
     missing = json.loads(json.dumps(spec))
     del missing["model"]["merges"][40]  # its token stays: tiktoken would build it from text, BPE cannot
     with pytest.raises(data.DataError, match="tiktoken's rule"):
-        data.hf_bpe_tokenizer(str(write(tmp_path / "missing", missing)))
+        bpe.hf_bpe_tokenizer(str(write(tmp_path / "missing", missing)))
 
 
 # -----------------------------------------------------------------------------
@@ -239,10 +240,10 @@ def test_refused_steps_are_named(tmp_path):
                                                        "special": False}], "lstrip")]
     for i, (field, value, name) in enumerate(cases):
         with pytest.raises(data.DataError, match=name) as error:
-            data.hf_bpe_tokenizer(str(write(tmp_path / str(i), {**spec, field: value})))
+            bpe.hf_bpe_tokenizer(str(write(tmp_path / str(i), {**spec, field: value})))
         assert "tokenizer.json" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(data.DataError, match="dropout"):
-        data.hf_bpe_tokenizer(str(write(tmp_path / "dropout", {**spec, "model": {**spec["model"], "dropout": 0.1}})))
+        bpe.hf_bpe_tokenizer(str(write(tmp_path / "dropout", {**spec, "model": {**spec["model"], "dropout": 0.1}})))
 
 
 # -----------------------------------------------------------------------------
@@ -256,10 +257,10 @@ def test_vocab_json_and_merges_txt_need_the_regex(tmp_path):
     (folder / "vocab.json").write_text(json.dumps(spec["model"]["vocab"]))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in spec["model"]["merges"]))
     with pytest.raises(data.DataError, match="pat_str"):
-        data.hf_bpe_tokenizer(str(folder))
-    tok = data.hf_bpe_tokenizer(str(folder), pat_str=LLAMA3_REGEX)
+        bpe.hf_bpe_tokenizer(str(folder))
+    tok = bpe.hf_bpe_tokenizer(str(folder), pat_str=LLAMA3_REGEX)
     enc, ref = data.get_encoding(tok), library(tmp_path / "json")
-    data.save_hf_tokenizer(tok, str(tmp_path / "export"))
+    bpe.save_hf_tokenizer(tok, str(tmp_path / "export"))
     exported = library(tmp_path / "export")
     for text in CORPUS:
         assert data.encode(enc, text) == ref.encode(text, add_special_tokens=False).ids, text
@@ -268,11 +269,11 @@ def test_vocab_json_and_merges_txt_need_the_regex(tmp_path):
 
 
 def test_gpt2_vocab_json_needs_no_regex(tmp_path, enc):
-    data.save_hf_tokenizer(data.gpt2_tokenizer(), str(tmp_path / "json"))
+    bpe.save_hf_tokenizer(data.gpt2_tokenizer(), str(tmp_path / "json"))
     model = json.loads((tmp_path / "json" / "tokenizer.json").read_text())["model"]
     (tmp_path / "vocab.json").write_text(json.dumps({**model["vocab"], "<|endoftext|>": 50256}))
     (tmp_path / "merges.txt").write_text("".join(" ".join(m) + "\n" for m in model["merges"]))
-    ours = data.get_encoding(data.hf_bpe_tokenizer(str(tmp_path)))
+    ours = data.get_encoding(bpe.hf_bpe_tokenizer(str(tmp_path)))
     for text in CORPUS:
         assert data.encode(ours, text) == data.encode(enc, text), text
 
@@ -280,9 +281,7 @@ def test_gpt2_vocab_json_needs_no_regex(tmp_path, enc):
 def test_sentencepiece_files(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x03abc")
     with pytest.raises(data.DataError, match="save_pretrained"):  # says how to write a tokenizer.json
-        data.hf_bpe_tokenizer(str(tmp_path))
-    if not hasattr(data, "sp_bpe_tokenizer"):
-        return
+        bpe.hf_bpe_tokenizer(str(tmp_path))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
              "▁": 259, "a": 260, "▁a": 261}
     specials = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
@@ -294,13 +293,13 @@ def test_sentencepiece_files(tmp_path):
                 {"type": "Fuse"}]},
             "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "byte_fallback": True, "fuse_unk": True,
                       "vocab": vocab, "merges": [["▁", "a"]]}}
-    assert data.hf_bpe_tokenizer(str(write(tmp_path, spec)))["type"] == "sp_bpe"  # sp_bpe_tokenizer's
+    assert bpe.hf_bpe_tokenizer(str(write(tmp_path, spec)))["type"] == "sp_bpe"  # sp_bpe_tokenizer's
 
 
 def test_export_reads_back_to_the_same_ids_with_the_bos_post_processor(tmp_path):
     llama_style(tmp_path / "src", ignore_merges=True)
-    tok = data.hf_bpe_tokenizer(str(tmp_path / "src"))
-    data.save_hf_tokenizer(tok, str(tmp_path / "out"))
+    tok = bpe.hf_bpe_tokenizer(str(tmp_path / "src"))
+    bpe.save_hf_tokenizer(tok, str(tmp_path / "out"))
     theirs, enc = library(tmp_path / "out"), data.get_encoding(tok)
     for text in CORPUS:
         assert theirs.encode(text, add_special_tokens=False).ids == data.encode(enc, text), text
@@ -318,7 +317,7 @@ def test_export_without_a_merge_list_refuses_ranks_out_of_merge_order(tmp_path):
     ranks = singles + "YWJj 256\nYWI= 257\n"  # b"abc" 256, b"ab" 257
     tok = {**gpt2, "name": "odd", "ranks": ranks, "special_tokens": {data.EOT: 258}}
     with pytest.raises(data.DataError, match="lower rank"):
-        data.save_hf_tokenizer(tok, str(tmp_path))
+        bpe.save_hf_tokenizer(tok, str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def real():
         if folder is None:
             pytest.skip(f"{REAL[name][0]} is not installed (.ci/run installs it)")
         if name not in cache:
-            tok = data.hf_bpe_tokenizer(folder)
+            tok = bpe.hf_bpe_tokenizer(folder)
             ref = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
             ref.encode_special_tokens = True
             cache[name] = folder, tok, data.get_encoding(tok), ref
@@ -378,7 +377,7 @@ def test_real_tokenizer_encodes_as_tokenizers(real, name):
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_tokenizer_export_reads_back_to_the_same_ids(real, name, tmp_path):
     folder, tok, enc, ref = real(name)
-    data.save_hf_tokenizer(tok, str(tmp_path))
+    bpe.save_hf_tokenizer(tok, str(tmp_path))
     theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     theirs.encode_special_tokens = True
     for text in CORPUS + [long_text()[:20_000]]:
