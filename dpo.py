@@ -51,7 +51,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, lora_disabled, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, \
-    data_parallel, get_lr, in_range, load_checkpoint, load_model, optimizer_step, positive_int, \
+    data_parallel, get_lr, in_range, load_model, load_resume, optimizer_step, positive_int, \
     restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
@@ -150,9 +150,7 @@ def main(argv=None):
     if args.batch_size < rt.world_size:
         sys.exit(f"error: --batch-size {args.batch_size}: each of the {rt.world_size} processes needs a pair a step")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    if args.resume and not os.path.exists(ckpt_path):
-        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-    resume = load_checkpoint(ckpt_path) if args.resume else None
+    resume = load_resume(args.out, args.resume)  # its checkpoint, or None
     if resume:  # the model, the pairs and the loss must be the ones that were trained, whatever the command line says
         resume_args(args, resume["args"], ["init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "ref",
                                            "data", "val_fraction", "loss", "beta", "label_smoothing", "sft_coef",

@@ -24,9 +24,9 @@ Contents (section: lines). The network first, then loading and saving it, then w
   the model: 408-690           GPT: forward, hidden states, the reward/value head, generation
   losses and sampling: 693-765 token_logprobs, cross_entropy, entropy_from_logits, masked_mean,
                                masked_whiten, last_token, sample_next
-  checkpoints: 768-945         atomic_write, claim_out_dir, save_checkpoint, load_checkpoint, load_model
-  Hugging Face: 948-1268       from_pretrained and save_pretrained, config.json, the name table
-  training runtime: 1271-1587  get_lr, GracefulStop, RNG state, configure_optimizer, optimizer_step, training
+  checkpoints: 768-956         atomic_write, claim_out_dir, save_checkpoint, load_resume, load_checkpoint, load_model
+  Hugging Face: 959-1279       from_pretrained and save_pretrained, config.json, the name table
+  training runtime: 1282-1598  get_lr, GracefulStop, RNG state, configure_optimizer, optimizer_step, training
                                state, argparse types, Runtime, setup_runtime, data_parallel, peak_flops
 """
 
@@ -884,6 +884,17 @@ def save_stage(out_dir, model, lora_base=None, fingerprint=None, **state):
                                                    chat=state.get("chat", False), step=state.get("step", 0))
         save_checkpoint(os.path.join(out_dir, "adapter.pt"), **state["adapter"])
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), **state)
+
+
+def load_resume(out_dir, resume):
+    """--resume: the checkpoint of the run in out_dir (OUT/ckpt.pt; none there is a one-line error), or None
+    without --resume. The stage then takes from it what changes the run's meaning (resume_args)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not resume:
+        return None
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume: no checkpoint at {path}")
+    return load_checkpoint(path)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -65,7 +65,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, apply_lora, lora_disabled, prepare_to_train
 from model import IGNORE_INDEX, GracefulStop, append_jsonl, check_finite, claim_out_dir, configure_optimizer, get_lr, \
-    in_range, last_token, load_checkpoint, load_model, masked_mean, masked_whiten, optimizer_step, positive_int, \
+    in_range, last_token, load_model, load_resume, masked_mean, masked_whiten, optimizer_step, positive_int, \
     restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
@@ -311,9 +311,7 @@ def main(argv=None, reward_fn=None):
     rt = setup_runtime(args.device, args.dtype, args.seed)
     log = tqdm.write
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    if args.resume and not os.path.exists(ckpt_path):
-        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-    resume = load_checkpoint(ckpt_path) if args.resume else None
+    resume = load_resume(args.out, args.resume)  # its checkpoint, or None
     if resume:  # what is trained, on what and towards what comes from the checkpoint; the step sizes may change
         resume_args(args, resume["args"], ["policy", "reward", "reward_model", "prompts", "lora_r", "lora_alpha",
                                            "lora_targets", "algo", "group_size", "no_std_scale", "loss_average",

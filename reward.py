@@ -64,7 +64,7 @@ from tqdm import tqdm
 import data
 from lora import DEFAULT_TARGETS, prepare_to_train
 from model import GracefulStop, append_jsonl, atomic_write, check_finite, claim_out_dir, configure_optimizer, \
-    data_parallel, get_lr, in_range, load_checkpoint, load_model, optimizer_step, positive_int, \
+    data_parallel, get_lr, in_range, load_model, load_resume, optimizer_step, positive_int, \
     restore_training_state, resume_args, save_stage, set_rng_state, setup_runtime, training_state
 
 
@@ -236,9 +236,7 @@ def main(argv=None):
         sys.exit(f"error: --batch-size {args.batch_size}: each of the {rt.world_size} processes needs a prompt a step")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     feedback_path = os.path.join(args.out, "feedback.jsonl")
-    if args.resume and not os.path.exists(ckpt_path):
-        sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-    resume = load_checkpoint(ckpt_path) if args.resume else None
+    resume = load_resume(args.out, args.resume)  # its checkpoint, or None
     if resume:
         resume_args(args, resume["args"], ["init_from", "data", "collect_from", "lora_r", "lora_alpha", "lora_dropout",
                                            "lora_targets"], log, warn=("max_steps", "batch_size", "lr"))
