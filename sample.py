@@ -236,7 +236,6 @@ def main(argv=None):
     return completions
 
 
-
 # -----------------------------------------------------------------------------
 # Judging with a reward model: score responses, compare two models, best-of-n
 
